@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny SB3 agents trained here, stored the way old sb3 Hub agents are, in a Hub cache.
+
+The real sb3 agents pickle `gym.spaces.*` (the pre-gymnasium package) in their zip and vec_normalize.pkl.
+The fixtures rewrite the tiny agents' pickles to name `gym.spaces` too, so that the tests go through the same
+loading path as the real agents, with no network: HF_HUB_OFFLINE=1 and HF_HUB_CACHE point hf_hub_download at
+a cache folder laid out as huggingface_hub writes it (refs/main holding a commit id, snapshots/<id>/<files>).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTOR = ROOT / "data_collection" / "collect_dataset.py"
+MIXER = ROOT / "data_collection" / "mix_datasets.py"
+sys.path.insert(0, str(ROOT / "data_collection"))
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def as_old_gym_pickle(obj) -> bytes:
+    # Protocol 2 writes classes as GLOBAL "module\nname\n" opcodes, so renaming the module is a byte edit.
+    return pickle.dumps(obj, protocol=2).replace(b"cgymnasium.", b"cgym.")
+
+
+def make_zip_old_style(zip_path: Path) -> None:
+    """Make the zip's saved spaces unpicklable without the old `gym` package, as in the real sb3 agents."""
+    with zipfile.ZipFile(zip_path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    data = json.loads(files["data"])
+    for key in ("observation_space", "action_space"):
+        space = pickle.loads(base64.b64decode(data[key][":serialized:"]))
+        data[key][":serialized:"] = base64.b64encode(as_old_gym_pickle(space)).decode()
+        data[key][":type:"] = data[key][":type:"].replace("gymnasium", "gym")
+    files["data"] = json.dumps(data).encode()
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+
+
+def write_zoo_config(path: Path, normalize: bool) -> None:
+    """config.yml as rl-zoo writes it: a yaml-dumped OrderedDict of the hyperparameters."""
+    config = OrderedDict([("n_timesteps", 256), ("normalize", normalize), ("policy", "MlpPolicy")])
+    path.write_text(yaml.dump(config))
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    repo_folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo_folder / "refs").mkdir(parents=True)
+    (repo_folder / "refs" / "main").write_text(COMMIT)  # no trailing newline, as huggingface_hub writes it
+    snapshot = repo_folder / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        (snapshot / name).write_bytes(source.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def agents(tmp_path_factory):
+    """Two tiny agents: PPO on CartPole-v1 (Discrete) and PPO under VecNormalize on Pendulum-v1 (Box, ±2)."""
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("agents")
+    (folder / "cartpole").mkdir()
+    (folder / "pendulum").mkdir()
+    cartpole = PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu")
+    cartpole.learn(128)
+    cartpole.save(folder / "cartpole" / "ppo-CartPole-v1.zip")
+    make_zip_old_style(folder / "cartpole" / "ppo-CartPole-v1.zip")
+    write_zoo_config(folder / "cartpole" / "config.yml", normalize=False)
+
+    # Pendulum's angular velocity spans ±8: the normalised input the agent sees differs clearly from the raw one.
+    venv = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0), norm_obs=True, norm_reward=False)
+    pendulum = PPO("MlpPolicy", venv, n_steps=128, batch_size=64, n_epochs=1, seed=0, device="cpu")
+    pendulum.learn(512)
+    pendulum.save(folder / "pendulum" / "ppo-Pendulum-v1.zip")
+    make_zip_old_style(folder / "pendulum" / "ppo-Pendulum-v1.zip")
+    (folder / "pendulum" / "vec_normalize.pkl").write_bytes(as_old_gym_pickle(venv))
+    write_zoo_config(folder / "pendulum" / "config.yml", normalize=True)
+    return {"cartpole": folder / "cartpole", "pendulum": folder / "pendulum"}
+
+
+@pytest.fixture(scope="session")
+def hub_cache(agents, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("hf-cache")
+    add_to_hub_cache(cache, "sb3/ppo-CartPole-v1", {
+        "ppo-CartPole-v1.zip": agents["cartpole"] / "ppo-CartPole-v1.zip",
+        "config.yml": agents["cartpole"] / "config.yml",
+    })
+    add_to_hub_cache(cache, "sb3/ppo-Pendulum-v1", {
+        "ppo-Pendulum-v1.zip": agents["pendulum"] / "ppo-Pendulum-v1.zip",
+        "config.yml": agents["pendulum"] / "config.yml",
+        "vec_normalize.pkl": agents["pendulum"] / "vec_normalize.pkl",
+    })
+    return cache
+
+
+def offline_env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONUNBUFFERED="1")
+
+
+def run_script(script: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+
+
+def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    with np.load(path, allow_pickle=False) as file:
+        arrays = {key: file[key] for key in file.files}
+    return arrays, json.loads(str(arrays.pop("metadata")))
