@@ -25,6 +25,7 @@ The file also holds reference returns (a uniform random policy and the env's det
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import json
 import pickle
 import shlex
@@ -82,7 +83,7 @@ class Args:
     """noisy policy: probability of a uniform random action at each step"""
     noise_std: float = 0.3
     """noisy policy, Box actions: std of the Gaussian noise, as a fraction of half the action range"""
-    reference_episodes: int = 10
+    reference_episodes: int = 20
     """episodes used to measure each reference return (random policy, deterministic expert)"""
     reference_repo_id: Optional[str] = None
     """Hub repo of the agent whose return is the expert reference; None: the env's expert, else the collecting agent"""
@@ -444,6 +445,62 @@ def collect(env_id: str, act: Callable[[np.ndarray], np.ndarray], num_transition
 
 
 # ---------------------------------------------------------------------------------------------- main
+def check_env(env_id: str) -> tuple[gym.spaces.Box, gym.Space]:
+    """The env's spaces, if the dataset format can hold them."""
+    env = make_env_checked(env_id)
+    observation_space, action_space = env.observation_space, env.action_space
+    env.close()
+    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
+        raise DatasetError(f"{env_id} has observations {observation_space}; datasets hold flat vectors (a 1-D Box)")
+    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
+        raise DatasetError(f"{env_id} has actions {action_space}; only Discrete and Box are supported")
+    if isinstance(action_space, gym.spaces.Box) and not np.all(np.isfinite(action_space.low) & np.isfinite(action_space.high)):
+        raise DatasetError(f"{env_id} has unbounded actions {action_space}; random actions need finite bounds")
+    return observation_space, action_space
+
+
+def load_agent(source: AgentSource, env_id: str, loaded: dict[str, Agent]) -> Agent:
+    """Load an agent once (the collecting agent is often the reference expert too) and say which env it knew."""
+    if source.name not in loaded:
+        loaded[source.name] = Agent(source, env_id)
+        trained_on = source.trained_on
+        if trained_on is not None and current_env_id(trained_on) != env_id:
+            print(f"warning: {source.name} was trained on {trained_on}, not on {env_id}")
+        elif trained_on is not None and trained_on != env_id:
+            print(f"{source.name} was trained on {trained_on}, which today's gymnasium replaces by {env_id}: running it there")
+    return loaded[source.name]
+
+
+def measure_reference_returns(
+    env_id: str, action_space: gym.Space, reference_source: Optional[AgentSource], loaded: dict[str, Agent], episodes: int
+) -> dict[str, Any]:
+    """Mean returns of a uniform random policy and of the deterministic expert, on the same seeded episodes."""
+    seeds = [REFERENCE_SEED + i for i in range(episodes)]
+    rng = np.random.default_rng(REFERENCE_SEED)
+    random_returns = run_episodes(env_id, lambda observations: uniform_actions(action_space, rng, len(observations)), seeds)
+    expert_returns = None
+    if reference_source is None:
+        print(f"no expert agent for {env_id}: the expert reference return is left empty (give --reference-repo-id)")
+    else:
+        try:
+            reference_agent = load_agent(reference_source, env_id, loaded)
+        except DatasetError as error:
+            raise DatasetError(
+                f"{error}\n(the expert reference return of {env_id} is measured with {reference_source.name}; "
+                f"name another agent for it with --reference-repo-id or --reference-agent-path)"
+            ) from None
+        expert_returns = run_episodes(env_id, reference_agent.act, seeds)
+        print(f"reference returns over {episodes} episodes: random {random_returns.mean():.1f}, "
+              f"expert ({reference_source.name}) {expert_returns.mean():.1f} +- {expert_returns.std():.1f}")
+    return {
+        "random": float(random_returns.mean()),
+        "expert": None if expert_returns is None else float(expert_returns.mean()),
+        "expert_agent": None if reference_source is None else reference_source.name,
+        "episodes": episodes,
+        "seeds": f"{REFERENCE_SEED} + i",
+    }
+
+
 def main() -> None:
     args = tyro.cli(Args, description=__doc__)
     if args.num_transitions < 1 or args.num_envs < 1 or args.reference_episodes < 1:
@@ -451,33 +508,16 @@ def main() -> None:
     if not 0.0 <= args.random_action_prob <= 1.0 or args.noise_std < 0.0:
         raise DatasetError("--random-action-prob must be in [0, 1] and --noise-std at least 0")
     output = args.output or default_dataset_path(args.env_id, args.policy)
-    env = make_env_checked(args.env_id)
-    observation_space, action_space = env.observation_space, env.action_space
-    env.close()
-    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
-        raise DatasetError(f"{args.env_id} has observations {observation_space}; datasets hold flat vectors (a 1-D Box)")
-    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
-        raise DatasetError(f"{args.env_id} has actions {action_space}; only Discrete and Box are supported")
-    if isinstance(action_space, gym.spaces.Box) and not np.all(np.isfinite(action_space.low) & np.isfinite(action_space.high)):
-        raise DatasetError(f"{args.env_id} has unbounded actions {action_space}; random actions need finite bounds")
+    observation_space, action_space = check_env(args.env_id)
     prepare_output(output, args.overwrite)
     import torch
 
     torch.set_num_threads(1)  # batched prediction of a small MLP: more threads only contend for the cores
     rng = np.random.default_rng(args.seed)
+    loaded: dict[str, Agent] = {}
 
     collecting_source = agent_source(args.env_id, args.repo_id, args.algo, args.agent_path)
-    agents: dict[str, Agent] = {}
-
-    def load(source: AgentSource) -> Agent:
-        if source.name not in agents:
-            agents[source.name] = Agent(source, args.env_id)
-            trained_on = source.trained_on
-            if trained_on is not None and current_env_id(trained_on) != trained_on and current_env_id(trained_on) == args.env_id:
-                print(f"{source.name} was trained on {trained_on}, which today's gymnasium replaces by {args.env_id}: running it there")
-        return agents[source.name]
-
-    noise = None
+    expert, noise = None, None
     if args.policy == "random":
         act = lambda observations: uniform_actions(action_space, rng, len(observations))  # noqa: E731
     else:
@@ -486,7 +526,7 @@ def main() -> None:
                 f"{args.env_id} has no default expert; name one with --algo (sb3/<algo>-{hub_env_id(args.env_id)}), "
                 f"--repo-id or --agent-path"
             )
-        expert = load(collecting_source)
+        expert = load_agent(collecting_source, args.env_id, loaded)
         act = expert.act
         if args.policy == "noisy":
             noise = {"random_action_prob": args.random_action_prob}
@@ -496,35 +536,22 @@ def main() -> None:
 
     # The expert reference is the env's default expert when it has one, so that every dataset of an env
     # (expert, medium, noisy, random) is normalised against the same score, as in D4RL.
-    reference_source = (
-        agent_source(args.env_id, args.reference_repo_id, None, args.reference_agent_path)
-        if args.reference_repo_id is not None or args.reference_agent_path is not None
-        else agent_source(args.env_id, None, None, None) or collecting_source
-    )
-    reference_seeds = [REFERENCE_SEED + i for i in range(args.reference_episodes)]
-    reference_rng = np.random.default_rng(REFERENCE_SEED)
-    random_reference = run_episodes(args.env_id, lambda obs: uniform_actions(action_space, reference_rng, len(obs)), reference_seeds)
-    expert_reference = None
-    if reference_source is None:
-        print(f"no expert agent for {args.env_id}: the expert reference return is left empty (give --reference-repo-id)")
+    if args.reference_repo_id is not None or args.reference_agent_path is not None:
+        reference_source = agent_source(args.env_id, args.reference_repo_id, None, args.reference_agent_path)
     else:
-        expert_reference = run_episodes(args.env_id, load(reference_source).act, reference_seeds)
-        print(f"reference returns over {args.reference_episodes} episodes: random {random_reference.mean():.1f}, "
-              f"expert ({reference_source.name}) {expert_reference.mean():.1f} +- {expert_reference.std():.1f}")
+        reference_source = agent_source(args.env_id, None, None, None) or collecting_source
+    reference_returns = measure_reference_returns(args.env_id, action_space, reference_source, loaded, args.reference_episodes)
 
     start = time.time()
     arrays = collect(args.env_id, act, args.num_transitions, args.num_envs, args.seed)
     collection_seconds = time.time() - start
-    import gymnasium
-    import stable_baselines3
-
     metadata = {
         "env_id": args.env_id,
         "policy": args.policy,
-        "agent": None if args.policy == "random" else collecting_source.name,
-        "algo": None if args.policy == "random" else collecting_source.algo,
-        "agent_trained_on": None if args.policy == "random" else collecting_source.trained_on,
-        "vec_normalize": None if args.policy == "random" else agents[collecting_source.name].normalizer is not None,
+        "agent": None if expert is None else collecting_source.name,
+        "algo": None if expert is None else collecting_source.algo,
+        "agent_trained_on": None if expert is None else collecting_source.trained_on,
+        "vec_normalize": None if expert is None else expert.normalizer is not None,
         "noise": noise,
         "seed": args.seed,
         "num_envs": args.num_envs,
@@ -532,16 +559,10 @@ def main() -> None:
         "num_episodes": int(len(arrays["episode_returns"])),
         "observation_space": describe_space(observation_space),
         "action_space": describe_space(action_space),
-        "reference_returns": {
-            "random": float(random_reference.mean()),
-            "expert": None if expert_reference is None else float(expert_reference.mean()),
-            "expert_agent": None if reference_source is None else reference_source.name,
-            "episodes": args.reference_episodes,
-            "seeds": f"{REFERENCE_SEED} + i",
-        },
+        "reference_returns": reference_returns,
         "collection_seconds": round(collection_seconds, 2),
-        "gymnasium_version": gymnasium.__version__,
-        "stable_baselines3_version": stable_baselines3.__version__,
+        "gymnasium_version": gym.__version__,
+        "stable_baselines3_version": importlib.metadata.version("stable-baselines3"),
         "created_by": shlex.join(["python", *sys.argv]),
     }
     save_dataset(output, arrays, metadata, args.overwrite)

@@ -1,0 +1,48 @@
+"""Print a markdown table describing dataset files: size, episodes, mean return, reference returns, collection time.
+
+    python data_collection/describe_datasets.py datasets/*/*.npz
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from dataset_io import DatasetError, exit_on_dataset_error, load_dataset
+
+
+@dataclass
+class Args:
+    paths: tyro.conf.Positional[list[Path]]
+    """dataset files to describe"""
+
+
+def describe(path: Path) -> str:
+    arrays, metadata = load_dataset(path)
+    returns = arrays["episode_returns"]
+    mean_return = f"{returns.mean():.1f} ± {returns.std():.1f}" if len(returns) else "n/a"
+    reference = metadata["reference_returns"]
+    expert = "n/a" if reference["expert"] is None else f"{reference['expert']:.1f}"
+    seconds = metadata.get("collection_seconds")
+    cells = [
+        metadata["env_id"], metadata["policy"], f"`{metadata['agent']}`" if metadata["agent"] else "-",
+        f"{metadata['num_transitions']:,}", str(len(returns)), mean_return, f"{reference['random']:.1f}", expert,
+        "-" if seconds is None else f"{seconds:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    args = tyro.cli(Args, description=__doc__)
+    if not args.paths:
+        raise DatasetError("give one or more dataset files, e.g. datasets/*/*.npz")
+    rows = [describe(path) for path in args.paths]
+    print("| env | policy | agent | transitions | episodes | mean return | random ref. | expert ref. | collection (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    exit_on_dataset_error(main)
