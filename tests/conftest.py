@@ -25,6 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTOR = ROOT / "data_collection" / "collect_dataset.py"
 MIXER = ROOT / "data_collection" / "mix_datasets.py"
+DESCRIBER = ROOT / "data_collection" / "describe_datasets.py"
 sys.path.insert(0, str(ROOT / "data_collection"))
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import COLLECTOR, MIXER, load_npz, offline_env, run_script
+from conftest import COLLECTOR, DESCRIBER, MIXER, load_npz, offline_env, run_script
 
 from dataset_io import ARRAY_KEYS
 
@@ -63,3 +63,12 @@ def test_mix_refuses_a_missing_file(hub_cache, datasets, tmp_path):
     result = run_script(MIXER, [datasets / "expert.npz", tmp_path / "nope.npz", "--output", tmp_path / "x.npz"], offline_env(hub_cache))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr and "collect_dataset.py" in result.stderr
+
+
+def test_describe_lists_each_dataset(hub_cache, datasets):
+    result = run_script(DESCRIBER, [datasets / "expert.npz", datasets / "pendulum.npz"], offline_env(hub_cache))
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()
+    assert len(rows) == 4  # header, separator, one row per file
+    assert rows[2].startswith("| CartPole-v1 | expert | `sb3/ppo-CartPole-v1` | 300 |")
+    assert rows[3].startswith("| Pendulum-v1 | random | - | 100 |")
