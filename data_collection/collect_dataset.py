@@ -259,6 +259,16 @@ def space_from_zip(zip_path: Path, key: str) -> dict[str, Any]:
     return {"type": kind}
 
 
+def same_action_space(agent: dict[str, Any], env: dict[str, Any]) -> bool:
+    """Same kind, size and bounds (an agent's actions would be rescaled wrongly under other bounds)."""
+    if agent["type"] != env["type"]:
+        return False
+    return all(
+        key in agent and np.shape(agent[key]) == np.shape(env[key]) and np.allclose(agent[key], env[key])
+        for key in ("n", "shape", "low", "high") if key in env
+    )
+
+
 def check_agent_spaces(zip_path: Path, env: gym.Env, source: AgentSource, env_id: str) -> None:
     env_observation = describe_space(env.observation_space)
     env_action = describe_space(env.action_space)
@@ -267,11 +277,7 @@ def check_agent_spaces(zip_path: Path, env: gym.Env, source: AgentSource, env_id
         agent_action = space_from_zip(zip_path, "action_space")
     except (zipfile.BadZipFile, KeyError, ValueError) as error:
         raise DatasetError(f"{zip_path} is not a Stable-Baselines3 agent zip: {error}") from None
-    observation_ok = agent_observation.get("shape") == env_observation.get("shape")
-    action_ok = agent_action["type"] == env_action["type"] and all(
-        np.allclose(agent_action[key], env_action[key]) for key in ("n", "shape", "low", "high") if key in env_action
-    )
-    if not (observation_ok and action_ok):
+    if agent_observation.get("shape") != env_observation.get("shape") or not same_action_space(agent_action, env_action):
         raise DatasetError(
             f"agent {source.name} does not fit {env_id}:\n"
             f"  agent: observation {agent_observation}, action {agent_action}\n"
@@ -300,8 +306,8 @@ class Agent:
             if not source.path.is_file():
                 raise DatasetError(f"--agent-path {source.path} does not exist")
             zip_path = source.path
-            config_path = source.path.with_name("config.yml") if source.path.with_name("config.yml").is_file() else None
-            normalizer_path = source.path.with_name("vec_normalize.pkl")
+            config_path, normalizer_path = (source.path.with_name(name) for name in ("config.yml", "vec_normalize.pkl"))
+            config_path = config_path if config_path.is_file() else None
             normalizer_path = normalizer_path if normalizer_path.is_file() else None
         else:
             zip_path = download(source.repo_id, f"{source.repo_id.split('/')[-1]}.zip")

@@ -33,6 +33,17 @@ def test_agent_spaces_do_not_match_env(agents, hub_cache, tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_action_spaces_compare_kind_size_and_bounds():
+    from collect_dataset import same_action_space
+
+    box = {"type": "Box", "shape": [1], "low": [-2.0], "high": [2.0]}
+    assert same_action_space(box, dict(box))
+    assert not same_action_space(box, {"type": "Box", "shape": [1], "low": [-1.0], "high": [1.0]})
+    assert not same_action_space(box, {"type": "Box", "shape": [2], "low": [-2.0, -2.0], "high": [2.0, 2.0]})
+    assert not same_action_space(box, {"type": "Discrete", "n": 2})
+    assert not same_action_space({"type": "Discrete", "n": 3}, {"type": "Discrete", "n": 2})
+
+
 @pytest.fixture(scope="module")
 def fake_hub():
     """A local HTTP server answering like the Hub: 404 with X-Error-Code RepoNotFound or EntryNotFound."""
