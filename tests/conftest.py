@@ -125,3 +125,66 @@ def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     with np.load(path, allow_pickle=False) as file:
         arrays = {key: file[key] for key in file.files}
     return arrays, json.loads(str(arrays.pop("metadata")))
+
+
+# ------------------------------------------------------------------------------------------ algorithm scripts
+ALGORITHMS = ROOT / "algorithms"
+
+
+def load_algorithm(name: str):
+    """Import an algorithm script as a module (its training runs only under __main__), to test its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ALGORITHMS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cartpole_controller(observations: np.ndarray) -> np.ndarray:
+    """A linear controller that balances CartPole for all 500 steps."""
+    x, x_dot, theta, theta_dot = observations.T
+    return (theta + 0.5 * theta_dot + 0.05 * x + 0.1 * x_dot > 0).astype(np.int64)
+
+
+def write_scripted_dataset(path: Path, env_id: str, controller, random_action_prob: float, num_transitions: int, seed: int = 0):
+    """A dataset of `controller` taking a uniform random action with probability `random_action_prob`, collected
+    by the collector's own rollout code and written in the format of data_collection/dataset_io.py."""
+    import gymnasium as gym
+    from collect_dataset import collect, run_episodes, uniform_actions
+    from dataset_io import describe_space, save_dataset
+
+    env = gym.make(env_id)
+    rng = np.random.default_rng(seed)
+
+    def act(observations):
+        actions = controller(observations)
+        take_random = rng.random(len(observations)) < random_action_prob
+        random_actions = uniform_actions(env.action_space, rng, len(observations))
+        return np.where(take_random.reshape(-1, *([1] * (actions.ndim - 1))), random_actions, actions)
+
+    arrays = collect(env_id, act, num_transitions, num_envs=4, seed=seed)
+    seeds = [10_000 + i for i in range(5)]
+    metadata = {
+        "env_id": env_id, "policy": "scripted", "agent": None, "noise": {"random_action_prob": random_action_prob},
+        "seed": seed, "num_transitions": num_transitions, "gymnasium_version": gym.__version__, "created_by": "tests",
+        "observation_space": describe_space(env.observation_space), "action_space": describe_space(env.action_space),
+        "reference_returns": {
+            "random": float(run_episodes(env_id, lambda obs: uniform_actions(env.action_space, rng, len(obs)), seeds).mean()),
+            "expert": float(run_episodes(env_id, controller, seeds).mean()),
+        },
+    }
+    save_dataset(path, arrays, metadata, overwrite=True)
+    return path
+
+
+def run_algorithm(name: str, args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """Run an algorithm script as a user does, from `cwd` (where its runs/ folder goes), one torch thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ALGORITHMS / f"{name}.py"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+def run_folder(cwd: Path) -> Path:
+    (folder,) = (cwd / "runs").iterdir()
+    return folder

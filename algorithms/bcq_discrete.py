@@ -1,0 +1,340 @@
+"""Discrete BCQ, offline (Fujimoto et al., 2019, "Benchmarking Batch Deep Reinforcement Learning Algorithms").
+
+Offline Q-learning goes wrong where the max in its target picks actions that the dataset never took: their
+values are never corrected, only over-estimated. Batch-Constrained Q-learning keeps the max to actions the
+data supports. Beside the Q-network it trains an imitation network G(a|s) (behaviour cloning, cross-entropy)
+and allows only the actions whose relative probability passes a threshold (the paper's section 4):
+
+    allowed(s) = { a : G(a|s) / max_a' G(a'|s) >= threshold }
+    target     = r + gamma * (1 - terminal) * Q_target(s', argmax_{a in allowed(s')} Q(s', a))
+
+The agent acts with the same rule: argmax of Q over the allowed actions. The loss is the Huber TD loss plus
+the imitation cross-entropy plus 1e-2 * mean(logits ** 2), which keeps the imitation logits from growing
+without bound. `--threshold 0` allows every action: plain (Double) DQN. A threshold near 1 allows only the
+most likely action: behaviour cloning.
+
+    python algorithms/bcq_discrete.py --dataset datasets/LunarLander-v3/expert.npz
+
+Defaults follow the author's code for non-Atari tasks (sfujim/BCQ, discrete_BCQ): separate Q and imitation
+trunks of 256-256, Polyak target updates (tau 0.005) after every step, Adam 3e-4, batch 64, threshold 0.3.
+The author's code applies a ReLU to the imitation logits; here they are left linear, so that G can give an
+action a probability below the uniform one.
+"""
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = Path(__file__).stem
+    """name of this experiment, used in the run folder's name"""
+    seed: int = 1
+    """seed of python, numpy and torch; evaluation episode i uses env seed seed * 1000 + i"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """record the first evaluation episode of each evaluation to <run folder>/videos"""
+    save_model: bool = True
+    """save the Q-network's and imitation network's state_dict to <run folder>/<exp_name>.pt"""
+    dataset: str = "datasets/LunarLander-v3/expert.npz"
+    """dataset file (.npz) made by data_collection/collect_dataset.py"""
+    env_id: Optional[str] = None
+    """env to evaluate on; None: the dataset's env_id"""
+    total_steps: int = 50_000
+    """number of gradient steps"""
+    eval_freq: int = 5_000
+    """evaluate every this many gradient steps (and after the last one)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run together in a vector env"""
+    threads: int = 1
+    """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
+
+    # discrete BCQ
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    batch_size: int = 64
+    """transitions per gradient step"""
+    gamma: float = 0.99
+    """discount factor"""
+    threshold: float = 0.3
+    """allowed actions have G(a|s) / max_a G(a|s) >= threshold; 0 is plain DQN, near 1 is behaviour cloning"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of the Q and imitation networks"""
+    shared_trunk: bool = False
+    """let the Q and imitation networks share their hidden layers (the author's Atari variant)"""
+    logit_penalty: float = 1e-2
+    """weight of mean(imitation logits ** 2) in the loss"""
+    tau: float = 0.005
+    """Polyak averaging rate of the target network, applied after every gradient step"""
+    log_freq: int = 100
+    """gradient steps between loss logs"""
+
+
+def fail(message: str) -> None:
+    """Stop with a message and exit status 1, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole dataset as tensors on the device, so that a batch is one torch.randint and an index."""
+    if not Path(path).is_file():
+        env_id, policy = Path(path).parent.name or "LunarLander-v3", Path(path).stem
+        fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
+             f"--env-id {env_id} --policy {policy if policy in ('expert', 'noisy', 'random') else 'expert'} --output {path}")
+    with np.load(path, allow_pickle=False) as file:
+        arrays = {key: file[key] for key in file.files}
+    missing = {"observations", "actions", "rewards", "next_observations", "terminations", "metadata"} - set(arrays)
+    if missing:
+        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: it lacks {', '.join(sorted(missing))}")
+    if arrays["actions"].ndim != 1 or not np.issubdtype(arrays["actions"].dtype, np.integer):
+        fail(f"{path} has continuous (Box) actions of shape {arrays['actions'].shape[1:]}; this script needs "
+             f"discrete actions: use algorithms/cql_sac_continuous.py or algorithms/bcq_continuous.py")
+    data = {
+        "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
+        "actions": torch.tensor(arrays["actions"], dtype=torch.long, device=device),
+        "rewards": torch.tensor(arrays["rewards"], dtype=torch.float32, device=device),
+        "next_observations": torch.tensor(arrays["next_observations"], dtype=torch.float32, device=device),
+        # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
+        "terminations": torch.tensor(arrays["terminations"], dtype=torch.float32, device=device),
+    }
+    return data, json.loads(str(arrays["metadata"]))
+
+
+# ------------------------------------------------------------------------------------------------- networks
+def mlp_trunk(obs_dim: int, hidden_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+
+
+class BCQNetwork(nn.Module):
+    """The Q-network and the imitation network G(a|s), in one module so that one target copy serves both."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_dim: int, shared_trunk: bool):
+        super().__init__()
+        self.q_trunk = mlp_trunk(obs_dim, hidden_dim)
+        self.imitation_trunk = self.q_trunk if shared_trunk else mlp_trunk(obs_dim, hidden_dim)
+        self.q_head = nn.Linear(hidden_dim, n_actions)
+        self.imitation_head = nn.Linear(hidden_dim, n_actions)
+
+    def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-values and imitation logits, each [batch, n_actions]."""
+        return self.q_values(observations), self.imitation_head(self.imitation_trunk(observations))
+
+    def q_values(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.q_head(self.q_trunk(observations))
+
+
+def allowed_actions(imitation_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mask of the actions with G(a|s) / max_a' G(a'|s) >= threshold. The ratio of softmax probabilities is
+    exp(logit - max logit), so no normalisation is needed; the most likely action is always allowed."""
+    relative_probability = (imitation_logits - imitation_logits.max(dim=1, keepdim=True).values).exp()
+    return relative_probability >= threshold
+
+
+def masked_greedy(q_values: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The allowed action with the highest Q, and that Q."""
+    return q_values.masked_fill(~allowed, float("-inf")).max(dim=1)
+
+
+def bcq_target(
+    rewards: torch.Tensor, terminations: torch.Tensor, next_q_online: torch.Tensor, next_q_target: torch.Tensor,
+    next_imitation_logits: torch.Tensor, gamma: float, threshold: float,
+) -> torch.Tensor:
+    """r + gamma * (1 - terminal) * Q_target(s', a'), with a' the online network's best allowed action."""
+    _, next_actions = masked_greedy(next_q_online, allowed_actions(next_imitation_logits, threshold))
+    next_value = next_q_target.gather(1, next_actions.unsqueeze(1)).squeeze(1)
+    return rewards + gamma * (1.0 - terminations) * next_value
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def evaluate(network: BCQNetwork, threshold: float, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
+             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
+    """Episodes of the BCQ policy (best allowed action) batched in a vector env; returns their returns,
+    discounted returns and first-state values (max of Q over the allowed actions)."""
+
+    def make_env(index: int):
+        def thunk():
+            if video_folder is not None and index == 0:
+                env = gym.make(env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, str(video_folder), episode_trigger=lambda episode: episode == 0,
+                                                name_prefix=video_prefix, disable_logger=True)
+            return gym.make(env_id)
+        return thunk
+
+    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
+    returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
+    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    network.eval()
+    while running.any():
+        with torch.no_grad():
+            q_values, imitation_logits = network(torch.tensor(observations, dtype=torch.float32, device=device))
+            values, actions = masked_greedy(q_values, allowed_actions(imitation_logits, threshold))
+        if q_initial is None:
+            q_initial = values.cpu().numpy()
+        observations, rewards, terminations, truncations, _ = envs.step(actions.cpu().numpy())
+        returns += np.where(running, rewards, 0.0)
+        discounted_returns += np.where(running, discount * rewards, 0.0)
+        discount *= gamma
+        running &= ~(terminations | truncations)
+    envs.close()
+    network.train()
+    return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
+
+
+def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
+    """D4RL's normalised score: 0 is a uniform random policy, 100 the expert that made the dataset's references."""
+    if not reference_returns or reference_returns.get("expert") is None:
+        return None
+    return 100.0 * (mean_return - reference_returns["random"]) / (reference_returns["expert"] - reference_returns["random"])
+
+
+# ------------------------------------------------------------------------------------------------- main
+if __name__ == "__main__":
+    args = tyro.cli(Args, description=__doc__)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.total_steps < 1 or args.eval_freq < 1 or args.eval_episodes < 1:
+        fail("--total-steps, --eval-freq and --eval-episodes must be at least 1")
+    data, metadata = load_dataset(args.dataset, device)
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    if not isinstance(probe_env.action_space, gym.spaces.Discrete):
+        fail(f"{env_id} has actions {probe_env.action_space}; this script needs a Discrete action space")
+    obs_dim, n_actions = data["observations"].shape[1], int(probe_env.action_space.n)
+    dataset_actions = metadata.get("action_space", {}).get("n", int(data["actions"].max()) + 1)
+    if probe_env.observation_space.shape != (obs_dim,) or dataset_actions != n_actions:
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {dataset_actions} actions, "
+             f"env {env_id} has observation shape {probe_env.observation_space.shape} and {n_actions} actions")
+    probe_env.close()
+
+    run_name = f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
+    target_network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
+    target_network.load_state_dict(network.state_dict())
+    optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate)
+    num_transitions = len(data["rewards"])
+    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
+
+    start_time, eval_time, evaluations, last_losses = time.time(), 0.0, [], {}
+    for global_step in range(1, args.total_steps + 1):
+        indices = torch.randint(num_transitions, (args.batch_size,), device=device)
+        observations, actions = data["observations"][indices], data["actions"][indices]
+        rewards, next_observations = data["rewards"][indices], data["next_observations"][indices]
+        with torch.no_grad():
+            next_q_online, next_imitation_logits = network(next_observations)
+            next_q_target = target_network.q_values(next_observations)
+            targets = bcq_target(rewards, data["terminations"][indices], next_q_online, next_q_target,
+                                 next_imitation_logits, args.gamma, args.threshold)
+        q_values, imitation_logits = network(observations)
+        q_data = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
+        td_loss = F.smooth_l1_loss(q_data, targets)
+        imitation_loss = F.cross_entropy(imitation_logits, actions)
+        logit_loss = imitation_logits.pow(2).mean()
+        loss = td_loss + imitation_loss + args.logit_penalty * logit_loss
+        if not torch.isfinite(loss):
+            fail(f"the loss became {loss.item()} at gradient step {global_step}; last finite losses: "
+                 f"{ {name: round(value.item(), 6) for name, value in last_losses.items()} }. Try a lower --learning-rate.")
+        last_losses = {"td_loss": td_loss.detach(), "imitation_loss": imitation_loss.detach(),
+                       "logit_loss": logit_loss.detach(), "loss": loss.detach()}
+
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for target_param, param in zip(target_network.parameters(), network.parameters()):
+                target_param.lerp_(param, args.tau)
+
+        if global_step % args.log_freq == 0:
+            for name, value in last_losses.items():
+                writer.add_scalar(f"losses/{name}", value.item(), global_step)
+            writer.add_scalar("diagnostics/q_data", q_data.mean().item(), global_step)
+            allowed_count = allowed_actions(imitation_logits, args.threshold).float().sum(dim=1).mean()
+            writer.add_scalar("diagnostics/allowed_actions", allowed_count.item(), global_step)
+            writer.add_scalar("charts/SPS", global_step / (time.time() - start_time - eval_time), global_step)
+
+        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+            eval_start = time.time()
+            video_folder = run_dir / "videos" if args.capture_video else None
+            result = evaluate(network, args.threshold, env_id, args.eval_episodes, args.seed, args.gamma, device,
+                              video_folder, f"step{global_step}")
+            eval_time += time.time() - eval_start
+            mean_return = float(result["returns"].mean())
+            score = normalized_score(mean_return, metadata.get("reference_returns"))
+            evaluations.append({
+                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
+                "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
+                "discounted_return_initial": float(result["discounted_returns"].mean()),
+            })
+            writer.add_scalar("eval/episodic_return", mean_return, global_step)
+            if score is not None:
+                writer.add_scalar("eval/normalized_score", score, global_step)
+            writer.add_scalar("diagnostics/q_initial", evaluations[-1]["q_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"], global_step)
+            sps = global_step / (time.time() - start_time - eval_time)
+            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
+                  f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
+                  f"td_loss {last_losses['td_loss'].item():.3f}  SPS {sps:.0f}", flush=True)
+
+    wall_time = time.time() - start_time
+    model_path = run_dir / f"{args.exp_name}.pt"
+    if args.save_model:
+        temporary = model_path.with_suffix(".pt.tmp")
+        torch.save(network.state_dict(), temporary)
+        os.replace(temporary, model_path)
+        print(f"model saved to {model_path}")
+    summary = {
+        "args": asdict(args), "env_id": env_id, "dataset": args.dataset, "run_dir": str(run_dir),
+        "model_path": str(model_path) if args.save_model else None,
+        "final_returns": result["returns"].tolist(), "final_mean_return": mean_return,
+        "final_std_return": float(result["returns"].std()), "final_normalized_score": score,
+        "total_steps": args.total_steps, "wall_time_s": wall_time, "eval_time_s": eval_time,
+        "updates_per_second": args.total_steps / (wall_time - eval_time), "evaluations": evaluations,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    writer.close()
+    print(f"final return {mean_return:.1f} ± {result['returns'].std():.1f} over {args.eval_episodes} episodes; "
+          f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s. TensorBoard: tensorboard --logdir runs")
