@@ -16,6 +16,12 @@ unseen actions are kept below those of seen ones, and the learned Q is a lower b
 At each evaluation `diagnostics/q_initial` (the mean of max_a Q(s0, a) over the evaluation episodes' first
 states) is logged next to `diagnostics/discounted_return_initial` (what those episodes really got): offline
 DQN over-estimates, CQL stays at or below the truth. Datasets come from data_collection/collect_dataset.py.
+
+Defaults: Adam 1e-3, batch 64, gamma 0.99, cql_alpha 1, Huber TD loss, a hard target copy every 1000 steps,
+50k gradient steps. On the 200k-transition LunarLander-v3 expert dataset they reach 235-246 (3 seeds) in
+about 2 minutes on one CPU core, where offline DQN (`--cql-alpha 0`) falls to -190 to -232 while predicting
+Q(s0) of about 50 for episodes whose real discounted return is negative. With the hard target copy Q-values
+rise towards their fixed point slowly (50 copies in 50k steps), so CQL's q_initial stays well below the truth.
 """
 
 import json
@@ -321,4 +327,5 @@ if __name__ == "__main__":
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     writer.close()
     print(f"final return {mean_return:.1f} ± {result['returns'].std():.1f} over {args.eval_episodes} episodes; "
-          f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s. TensorBoard: tensorboard --logdir runs")
+          f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s.\nRun folder {run_dir} "
+          f"(summary.json, TensorBoard events: tensorboard --logdir runs)")
