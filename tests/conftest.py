@@ -121,6 +121,14 @@ def run_script(script: Path, args: list[str], env: dict[str, str]) -> subprocess
     )
 
 
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str, returncode: int | None = None) -> None:
+    """A user mistake: a non-zero exit (exactly `returncode` if given), no traceback, and each fragment in stderr."""
+    assert result.returncode != 0 and returncode in (None, result.returncode), (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     with np.load(path, allow_pickle=False) as file:
         arrays = {key: file[key] for key in file.files}

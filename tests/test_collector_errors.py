@@ -8,13 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import COLLECTOR, add_to_hub_cache, offline_env, run_script, write_zoo_config
+from conftest import assert_clean_failure as assert_failure
 
 
 def assert_clean_failure(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
+    assert_failure(result, *fragments, returncode=2)  # the collectors exit with 2 on a user mistake
 
 
 @pytest.mark.parametrize(

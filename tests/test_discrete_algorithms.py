@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    cartpole_controller, load_algorithm, load_npz, run_algorithm, run_folder, write_scripted_dataset,
+    assert_clean_failure, cartpole_controller, load_algorithm, load_npz, run_algorithm, run_folder, write_scripted_dataset,
 )
 
 from dataset_io import save_dataset
@@ -112,13 +112,6 @@ def test_learns_cartpole_from_a_noisy_controller(script, steps, cartpole_dataset
 
 
 # ------------------------------------------------------------------------------------ bad input
-def assert_clean_failure(result, *fragments):
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_missing_dataset_prints_the_command_that_makes_it(script, tmp_path):
     result = run_algorithm(script, ["--dataset", "datasets/LunarLander-v3/noisy.npz"], cwd=tmp_path)
