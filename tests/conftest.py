@@ -155,6 +155,16 @@ def cartpole_controller(observations: np.ndarray) -> np.ndarray:
     return (theta + 0.5 * theta_dot + 0.05 * x + 0.1 * x_dot > 0).astype(np.int64)
 
 
+def pendulum_controller(observations: np.ndarray) -> np.ndarray:
+    """Energy-pumping swing-up, then a PD balance near the top: -126 to -148 on Pendulum-v1 (random: about -1190)."""
+    cos, sin, theta_dot = observations.T
+    energy = 0.5 * theta_dot**2 + 10.0 * (cos - 1.0)  # 0 at rest upright (m = l = 1, g = 10)
+    pump = np.where(energy < 0, 2.0 * np.sign(theta_dot), -0.5 * theta_dot)
+    pump = np.where(np.abs(theta_dot) < 1e-3, 2.0, pump)  # start moving from rest
+    balance = -10.0 * np.arctan2(sin, cos) - 2.0 * theta_dot
+    return np.clip(np.where(cos > 0.85, balance, pump), -2.0, 2.0)[:, None].astype(np.float32)
+
+
 def write_scripted_dataset(path: Path, env_id: str, controller, random_action_prob: float, num_transitions: int, seed: int = 0):
     """A dataset of `controller` taking a uniform random action with probability `random_action_prob`, collected
     by the collector's own rollout code and written in the format of data_collection/dataset_io.py."""
@@ -196,3 +206,45 @@ def run_algorithm(name: str, args: list, cwd: Path) -> subprocess.CompletedProce
 def run_folder(cwd: Path) -> Path:
     (folder,) = (cwd / "runs").iterdir()
     return folder
+
+
+SUMMARY_KEYS = {"args", "env_id", "dataset", "run_dir", "model_path", "final_returns", "final_mean_return", "final_std_return",
+                "final_normalized_score", "total_steps", "wall_time_s", "eval_time_s", "updates_per_second", "evaluations"}
+EVALUATION_TAGS = {"charts/SPS", "eval/episodic_return", "eval/normalized_score", "diagnostics/q_initial",
+                   "diagnostics/discounted_return_initial"}
+
+
+def train(name: str, dataset: Path, args: list, cwd: Path) -> dict:
+    """Run an algorithm script on `dataset` to its end and return its summary.json."""
+    result = run_algorithm(name, ["--dataset", dataset, *args], cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return json.loads((run_folder(cwd) / "summary.json").read_text())
+
+
+def check_run_folder(cwd: Path, name: str, env_id: str, seed: int, eval_steps: list[int], episodes: int,
+                     loss_tags: set[str]) -> tuple[Path, dict]:
+    """What every algorithm promises after a run with --capture-video: the run folder's name, TensorBoard events
+    with the shared tags and the script's losses, a video, summary.json with its keys and one entry per
+    evaluation. Returns the folder and the summary."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = run_folder(cwd)
+    assert folder.name.startswith(f"{env_id}__{name}__scripted__{seed}__")
+    assert list(folder.glob("events.out.tfevents.*")) and list((folder / "videos").glob("*.mp4"))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    assert [evaluation["step"] for evaluation in summary["evaluations"]] == eval_steps
+    assert summary["total_steps"] == eval_steps[-1] and len(summary["final_returns"]) == episodes
+    assert np.isfinite(summary["final_returns"]).all() and summary["final_normalized_score"] is not None
+    tags = set(EventAccumulator(str(folder)).Reload().Tags()["scalars"])
+    assert EVALUATION_TAGS | loss_tags <= tags, (EVALUATION_TAGS | loss_tags) - tags
+    return folder, summary
+
+
+@pytest.fixture(scope="session")
+def pendulum_dataset(tmp_path_factory) -> Path:
+    """10000 Pendulum-v1 transitions of the swing-up controller (about -130) taking a uniform random action 20% of
+    the time (its episodes: about -470); no terminations, only time-limit truncations; actions in [-2, 2]."""
+    path = tmp_path_factory.mktemp("data") / "Pendulum-v1" / "scripted.npz"
+    path.parent.mkdir()
+    return write_scripted_dataset(path, "Pendulum-v1", pendulum_controller, random_action_prob=0.2, num_transitions=10_000)

@@ -1,0 +1,491 @@
+"""Continuous BCQ, offline (Fujimoto, Meger, Precup, 2019, "Off-Policy Deep Reinforcement Learning without Exploration").
+
+Offline actor-critic goes wrong where its actor picks actions the dataset never took: their values are never
+corrected, only over-estimated (the paper's extrapolation error). Batch-Constrained Q-learning acts only with
+actions like the data's. A conditional VAE G(a|s) learns the dataset's actions, a perturbation network xi(s, a)
+moves a sampled action by at most phi, and twin critics value the result (the paper's section 4 and algorithm 1):
+
+    VAE:     (mu, sigma) = E(s, a),  L = ||D(s, mu + sigma * eps) - a||^2 + 0.5 * KL(N(mu, sigma) || N(0, 1))
+    policy:  pi(s) = the a_j + xi(s, a_j) with the highest Q1,  a_j = D(s, z_j),  z_j ~ N(0, 1) clipped to [-0.5, 0.5]
+    target:  y = r + gamma * (1 - terminal) * max_j [lambda * min(Q1', Q2') + (1 - lambda) * max(Q1', Q2')](s', a'_j)   (eq. 13)
+    critic:  (Q1(s, a) - y)^2 + (Q2(s, a) - y)^2            actor:  maximise Q1(s, a_j + xi(s, a_j))
+
+The target takes 10 sampled actions per next state (perturbed by the target actor, valued by the target
+critics); acting takes 100 and keeps the one with the highest Q1. lambda 1 is TD3's clipped double Q; the mix
+with the max (0.75) penalises uncertainty less. phi 0 is behaviour cloning filtered by Q; a large phi is DDPG.
+
+    python algorithms/bcq_continuous.py --dataset datasets/BipedalWalker-v3/expert.npz
+    python algorithms/bcq_continuous.py --dataset datasets/Hopper-v5/noisy.npz --seed 2
+
+The networks work in a normalised action space [-1, 1]^act_dim: dataset actions are mapped there with the
+env's bounds (low, high), chosen actions are mapped back before env.step, so bounds that are not +-1 (Pendulum:
++-2) need nothing special, and the perturbation is at most phi * (high - low) / 2 in env units (the author's
+phi * max_action). The VAE decoder ends in tanh: its actions cannot leave the bounds.
+
+Defaults follow the author's code (sfujim/BCQ, continuous_BCQ): VAE 750-750 with latent 2 * act_dim and log_std
+clamped to [-4, 15]; actor and critics 400-300; Adam 1e-3; batch 100; gamma 0.99; tau 0.005; lambda 0.75;
+phi 0.05. Departures:
+- 30k gradient steps, evaluated every 5k, instead of the author's 1M. One CPU thread does 16-17 updates/s
+  here alone and 14 with another run on the second core (1000 decodes through the 750-750 decoder for the
+  target and the VAE's update are three quarters of a step), so a default run takes 32-39 minutes, of which
+  2-3 of evaluation (10 BipedalWalker episodes, 100 samples per state: 20-25 s each). On the BipedalWalker-v3
+  expert dataset (its episodes: 299.4) the final evaluations gave 302.9 +- 0.6 (seed 1) and 303.1 +- 0.8
+  (seed 2), and every evaluation from 5k steps on 302-304 (2339 s and 2323 s, 13.6 and 13.8 updates/s).
+- Evaluation episodes run together in a vector env, acting decodes only for the episodes still running, and
+  its latents come from a generator seeded with --seed, so that a saved model's evaluation can be reproduced.
+- The actor's loss back-propagates into the actor only (the author's also fills, then discards, the critics'
+  and VAE's gradients): the same update, 7-10% faster.
+- `--bf16` (off by default) runs the training under torch.autocast(bfloat16). On this AMD EPYC, without bf16
+  instructions, a step takes 7 times longer (measured); it is for GPUs and CPUs with native bf16.
+"""
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = Path(__file__).stem
+    """name of this experiment, used in the run folder's name"""
+    seed: int = 1
+    """seed of python, numpy and torch; evaluation episode i uses env seed seed * 1000 + i"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """record the first evaluation episode of each evaluation to <run folder>/videos"""
+    save_model: bool = True
+    """save the VAE's, actor's and critics' state_dict (one BCQPolicy) to <run folder>/<exp_name>.pt"""
+    dataset: str = "datasets/BipedalWalker-v3/expert.npz"
+    """dataset file (.npz) made by data_collection/collect_dataset.py"""
+    env_id: Optional[str] = None
+    """env to evaluate on; None: the dataset's env_id"""
+    total_steps: int = 30_000
+    """number of gradient steps"""
+    eval_freq: int = 5_000
+    """evaluate every this many gradient steps (and after the last one)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run together in a vector env"""
+    threads: int = 1
+    """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
+
+    # continuous BCQ
+    learning_rate: float = 1e-3
+    """Adam learning rate of the VAE, the actor and the critics"""
+    batch_size: int = 100
+    """transitions per gradient step"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak averaging rate of the target actor and critics, applied after every gradient step"""
+    lmbda: float = 0.75
+    """weight of min(Q1, Q2) in the soft clipped double-Q target (1 - lmbda goes to the max)"""
+    phi: float = 0.05
+    """largest perturbation of a sampled action, as a fraction of half the action range"""
+    target_samples: int = 10
+    """actions sampled from the VAE per next state in the target"""
+    act_samples: int = 100
+    """actions sampled from the VAE per state when acting"""
+    vae_hidden_dim: int = 750
+    """width of the VAE encoder's and decoder's two hidden layers"""
+    bf16: bool = False
+    """run the training forwards and backwards under torch.autocast with bfloat16"""
+    log_freq: int = 100
+    """gradient steps between loss logs"""
+
+
+def fail(message: str) -> None:
+    """Stop with a message and exit status 1, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole dataset as tensors on the device, so that a batch is one torch.randint and an index."""
+    if not Path(path).is_file():
+        env_id, policy = Path(path).parent.name or "BipedalWalker-v3", Path(path).stem
+        fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
+             f"--env-id {env_id} --policy {policy if policy in ('expert', 'noisy', 'random') else 'expert'} --output {path}")
+    with np.load(path, allow_pickle=False) as file:
+        arrays = {key: file[key] for key in file.files}
+    missing = {"observations", "actions", "rewards", "next_observations", "terminations", "metadata"} - set(arrays)
+    if missing:
+        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: it lacks {', '.join(sorted(missing))}")
+    if np.issubdtype(arrays["actions"].dtype, np.integer):
+        fail(f"{path} has discrete (Discrete) actions; this script needs continuous (Box) actions: "
+             f"use algorithms/bcq_discrete.py or algorithms/cql_discrete_lunarlander.py")
+    if arrays["actions"].ndim != 2:
+        fail(f"{path} has actions of shape {arrays['actions'].shape}; expected [transitions, act_dim]")
+    data = {
+        "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
+        "actions": torch.tensor(arrays["actions"], dtype=torch.float32, device=device),
+        "rewards": torch.tensor(arrays["rewards"], dtype=torch.float32, device=device),
+        "next_observations": torch.tensor(arrays["next_observations"], dtype=torch.float32, device=device),
+        # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
+        "terminations": torch.tensor(arrays["terminations"], dtype=torch.float32, device=device),
+    }
+    return data, json.loads(str(arrays["metadata"]))
+
+
+# ------------------------------------------------------------------------------------------------- networks
+def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    layers, width = [], in_dim
+    for hidden_dim in hidden_dims:
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+class VAE(nn.Module):
+    """Conditional VAE of the dataset's (normalised) actions: encoder (s, a) -> (mean, std), decoder (s, z) -> a."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.latent_dim = 2 * act_dim
+        self.encoder = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+        self.mean = nn.Linear(hidden_dim, self.latent_dim)
+        self.log_std = nn.Linear(hidden_dim, self.latent_dim)
+        self.decoder = mlp(obs_dim + self.latent_dim, (hidden_dim, hidden_dim), act_dim)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstructed actions, latent mean and latent std (the reparameterisation trick)."""
+        hidden = self.encoder(torch.cat([observations, actions], dim=1))
+        mean, log_std = self.mean(hidden), self.log_std(hidden).clamp(-4, 15)  # clamped for stability, as the author's
+        std = log_std.exp()
+        return self.decode(observations, mean + std * torch.randn_like(std)), mean, std
+
+    def decode(self, observations: torch.Tensor, latent: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Actions in [-1, 1]; without a latent, z ~ N(0, 1) clipped to [-0.5, 0.5] keeps samples near the data's mode."""
+        if latent is None:
+            latent = torch.randn(len(observations), self.latent_dim, device=observations.device, generator=generator)
+            latent = latent.clamp(-0.5, 0.5)
+        return torch.tanh(self.decoder(torch.cat([observations, latent], dim=1)))
+
+
+class Perturbation(nn.Module):
+    """The actor xi(s, a): moves a sampled action by at most phi in each dimension."""
+
+    def __init__(self, obs_dim: int, act_dim: int, phi: float):
+        super().__init__()
+        self.phi = phi
+        self.network = mlp(obs_dim + act_dim, (400, 300), act_dim)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return perturb(actions, self.network(torch.cat([observations, actions], dim=1)), self.phi)
+
+
+class Critic(nn.Module):
+    """Twin critics Q1, Q2 (s, a) -> value, each 400-300."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.q1_network = mlp(obs_dim + act_dim, (400, 300), 1)
+        self.q2_network = mlp(obs_dim + act_dim, (400, 300), 1)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = torch.cat([observations, actions], dim=1)
+        return self.q1_network(inputs).squeeze(1), self.q2_network(inputs).squeeze(1)
+
+    def q1(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.q1_network(torch.cat([observations, actions], dim=1)).squeeze(1)
+
+
+class BCQPolicy(nn.Module):
+    """Everything that acts, in one module so that one state_dict holds it: VAE, actor, critics and the env's
+    action bounds (buffers), which map the networks' [-1, 1] actions to env units."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low: np.ndarray, action_high: np.ndarray, phi: float,
+                 vae_hidden_dim: int = 750):
+        super().__init__()
+        self.vae = VAE(obs_dim, act_dim, vae_hidden_dim)
+        self.actor = Perturbation(obs_dim, act_dim, phi)
+        self.critic = Critic(obs_dim, act_dim)
+        self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32))
+        self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32))
+
+    def act(self, observations: torch.Tensor, num_samples: int,
+            generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BCQ's policy: num_samples decoded and perturbed actions per state, the one with the highest Q1.
+        Returns the chosen actions in [-1, 1] and their Q1."""
+        repeated = torch.repeat_interleave(observations, num_samples, dim=0)
+        candidates = self.actor(repeated, self.vae.decode(repeated, generator=generator))
+        q1 = self.critic.q1(repeated, candidates)
+        return best_sampled_action(q1.view(-1, num_samples), candidates.view(len(observations), num_samples, -1))
+
+
+def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Env units [low, high] -> [-1, 1]."""
+    return 2.0 * (actions - low) / (high - low) - 1.0
+
+
+def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> env units [low, high]."""
+    return low + 0.5 * (actions + 1.0) * (high - low)
+
+
+def perturb(actions: torch.Tensor, raw_output: torch.Tensor, phi: float) -> torch.Tensor:
+    """a + phi * tanh(raw), clipped to [-1, 1]: the perturbation is at most phi in each dimension."""
+    return (actions + phi * torch.tanh(raw_output)).clamp(-1.0, 1.0)
+
+
+def soft_clipped_double_q(q1: torch.Tensor, q2: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """lambda * min(Q1, Q2) + (1 - lambda) * max(Q1, Q2): the paper's eq. 13 before the max over actions."""
+    return lmbda * torch.minimum(q1, q2) + (1.0 - lmbda) * torch.maximum(q1, q2)
+
+
+def bcq_target(rewards: torch.Tensor, terminations: torch.Tensor, next_q1: torch.Tensor, next_q2: torch.Tensor,
+               gamma: float, lmbda: float) -> torch.Tensor:
+    """r + gamma * (1 - terminal) * max_j soft_clipped_double_q(Q1'(s', a_j), Q2'(s', a_j)); next_q1 and next_q2
+    are [batch, samples], one column per action sampled from the VAE and perturbed by the target actor."""
+    next_value = soft_clipped_double_q(next_q1, next_q2, lmbda).max(dim=1).values
+    return rewards + gamma * (1.0 - terminations) * next_value
+
+
+def best_sampled_action(q_values: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each state, the candidate action ([batch, samples, act_dim]) with the highest Q ([batch, samples]), and that Q."""
+    best_q, best = q_values.max(dim=1)
+    return candidates[torch.arange(len(candidates), device=candidates.device), best], best_q
+
+
+def vae_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std) || N(0, 1)), averaged over the batch and the latent dimensions (as the author's)."""
+    return -0.5 * (1.0 + torch.log(std.pow(2)) - mean.pow(2) - std.pow(2)).mean()
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def evaluate(policy: BCQPolicy, env_id: str, episodes: int, seed: int, gamma: float, num_samples: int, device: torch.device,
+             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
+    """Episodes of the BCQ policy batched in a vector env; returns their returns, discounted returns and
+    first-state values (Q1 of the chosen action). The VAE's latents come from a generator seeded with `seed`, so
+    a policy's evaluation is reproducible, and independent of the training's random numbers."""
+
+    def make_env(index: int):
+        def thunk():
+            if video_folder is not None and index == 0:
+                env = gym.make(env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, str(video_folder), episode_trigger=lambda episode: episode == 0,
+                                                name_prefix=video_prefix, disable_logger=True)
+            return gym.make(env_id)
+        return thunk
+
+    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
+    returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
+    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # Only the running episodes are decoded for; the finished ones' envs have reset and step, ignored, with 0 (the middle).
+    actions = unnormalize_actions(torch.zeros(episodes, envs.single_action_space.shape[0]), policy.action_low.cpu(),
+                                  policy.action_high.cpu()).numpy().astype(envs.single_action_space.dtype)
+    policy.eval()
+    while running.any():
+        with torch.no_grad():
+            states = torch.tensor(observations[running], dtype=torch.float32, device=device)
+            chosen, q_values = policy.act(states, num_samples, generator)
+            chosen = unnormalize_actions(chosen, policy.action_low, policy.action_high)
+        if q_initial is None:
+            q_initial = q_values.cpu().numpy()
+        actions[running] = chosen.cpu().numpy()
+        observations, rewards, terminations, truncations, _ = envs.step(actions)
+        returns += np.where(running, rewards, 0.0)
+        discounted_returns += np.where(running, discount * rewards, 0.0)
+        discount *= gamma
+        running &= ~(terminations | truncations)
+    envs.close()
+    policy.train()
+    return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
+
+
+def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
+    """D4RL's normalised score: 0 is a uniform random policy, 100 the expert that made the dataset's references."""
+    if not reference_returns or reference_returns.get("expert") is None:
+        return None
+    return 100.0 * (mean_return - reference_returns["random"]) / (reference_returns["expert"] - reference_returns["random"])
+
+
+# ------------------------------------------------------------------------------------------------- main
+if __name__ == "__main__":
+    args = tyro.cli(Args, description=__doc__)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if min(args.total_steps, args.eval_freq, args.eval_episodes, args.target_samples, args.act_samples) < 1:
+        fail("--total-steps, --eval-freq, --eval-episodes, --target-samples and --act-samples must be at least 1")
+    data, metadata = load_dataset(args.dataset, device)
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    space = probe_env.action_space
+    if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        fail(f"{env_id} has actions {space}; this script needs a Box action space with finite bounds")
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    data_space = metadata.get("action_space", {})
+    data_low, data_high = data_space.get("low", space.low.tolist()), data_space.get("high", space.high.tolist())
+    if (probe_env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,)
+            or not np.allclose(data_low, space.low) or not np.allclose(data_high, space.high)):
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape ({act_dim},) "
+             f"in [{data_low}, {data_high}], env {env_id} has observation shape {probe_env.observation_space.shape} and "
+             f"actions of shape {space.shape} in [{space.low.tolist()}, {space.high.tolist()}]")
+    probe_env.close()
+
+    run_name = f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    policy = BCQPolicy(obs_dim, act_dim, space.low, space.high, args.phi, args.vae_hidden_dim).to(device)
+    target_actor, target_critic = copy.deepcopy(policy.actor), copy.deepcopy(policy.critic)
+    vae_optimizer = torch.optim.Adam(policy.vae.parameters(), lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(policy.actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=args.learning_rate)
+    actor_parameters = list(policy.actor.parameters())
+    # The networks see actions in [-1, 1]; clamping covers dataset actions a hair outside the bounds.
+    data["actions"] = normalize_actions(data["actions"], policy.action_low, policy.action_high).clamp(-1.0, 1.0)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    num_transitions = len(data["rewards"])
+    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
+
+    start_time, eval_time, evaluations, last_losses = time.time(), 0.0, [], {}
+    last_print = start_time
+    for global_step in range(1, args.total_steps + 1):
+        indices = torch.randint(num_transitions, (args.batch_size,), device=device)
+        observations, actions, rewards = data["observations"][indices], data["actions"][indices], data["rewards"][indices]
+        next_observations, terminations = data["next_observations"][indices], data["terminations"][indices]
+
+        # VAE: reconstruction + 0.5 * KL (the author's weights), so that decode(s, z) samples the data's actions at s.
+        with autocast():
+            reconstruction, mean, std = policy.vae(observations, actions)
+            reconstruction_loss, kl_loss = F.mse_loss(reconstruction.float(), actions), vae_kl(mean.float(), std.float())
+            vae_loss = reconstruction_loss + 0.5 * kl_loss
+        vae_optimizer.zero_grad()
+        vae_loss.backward()
+        vae_optimizer.step()
+
+        # Critics: both regress on the soft clipped double-Q target, a max over target_samples VAE actions per s',
+        # each perturbed by the target actor and valued by the target critics (eq. 13).
+        with torch.no_grad(), autocast():
+            repeated = torch.repeat_interleave(next_observations, args.target_samples, dim=0)
+            next_q1, next_q2 = target_critic(repeated, target_actor(repeated, policy.vae.decode(repeated)))
+            targets = bcq_target(rewards, terminations, next_q1.float().view(-1, args.target_samples),
+                                 next_q2.float().view(-1, args.target_samples), args.gamma, args.lmbda)
+        with autocast():
+            q1, q2 = policy.critic(observations, actions)
+            critic_loss = F.mse_loss(q1.float(), targets) + F.mse_loss(q2.float(), targets)
+        critic_optimizer.zero_grad()
+        critic_loss.backward()
+        critic_optimizer.step()
+
+        # Actor: deterministic policy gradient of Q1 at perturbed VAE samples; the gradients go into the actor only.
+        with autocast():
+            with torch.no_grad():
+                sampled_actions = policy.vae.decode(observations)
+            perturbed_actions = policy.actor(observations, sampled_actions)
+            actor_loss = -policy.critic.q1(observations, perturbed_actions).float().mean()
+        actor_optimizer.zero_grad()
+        actor_loss.backward(inputs=actor_parameters)
+        actor_optimizer.step()
+
+        losses = {"vae_loss": vae_loss, "reconstruction_loss": reconstruction_loss, "kl_loss": kl_loss,
+                  "critic_loss": critic_loss, "actor_loss": actor_loss}
+        if not all(torch.isfinite(loss) for loss in losses.values()):
+            fail(f"a loss became non-finite at gradient step {global_step} ({ {k: v.item() for k, v in losses.items()} }); "
+                 f"last finite losses: { {k: round(v.item(), 6) for k, v in last_losses.items()} }. Try a lower --learning-rate.")
+        last_losses = {name: value.detach() for name, value in losses.items()}
+        with torch.no_grad():
+            for target, online in ((target_actor, policy.actor), (target_critic, policy.critic)):
+                for target_param, param in zip(target.parameters(), online.parameters()):
+                    target_param.lerp_(param, args.tau)
+
+        if global_step % args.log_freq == 0:
+            for name, value in last_losses.items():
+                writer.add_scalar(f"losses/{name}", value.item(), global_step)
+            writer.add_scalar("diagnostics/q_data", q1.float().mean().item(), global_step)
+            writer.add_scalar("diagnostics/target", targets.mean().item(), global_step)
+            writer.add_scalar("diagnostics/perturbation", (perturbed_actions - sampled_actions).abs().mean().item(), global_step)
+            sps = global_step / (time.time() - start_time - eval_time)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            if time.time() - last_print > 60:  # a sign of life between evaluations, about once a minute
+                print(f"step {global_step}/{args.total_steps}  critic_loss {last_losses['critic_loss'].item():.3f}  SPS {sps:.1f}", flush=True)
+                last_print = time.time()
+
+        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+            eval_start = time.time()
+            video_folder = run_dir / "videos" if args.capture_video else None
+            result = evaluate(policy, env_id, args.eval_episodes, args.seed, args.gamma, args.act_samples, device,
+                              video_folder, f"step{global_step}")
+            eval_time += time.time() - eval_start
+            mean_return = float(result["returns"].mean())
+            score = normalized_score(mean_return, metadata.get("reference_returns"))
+            evaluations.append({
+                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
+                "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
+                "discounted_return_initial": float(result["discounted_returns"].mean()),
+            })
+            writer.add_scalar("eval/episodic_return", mean_return, global_step)
+            if score is not None:
+                writer.add_scalar("eval/normalized_score", score, global_step)
+            writer.add_scalar("diagnostics/q_initial", evaluations[-1]["q_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"], global_step)
+            sps = global_step / (time.time() - start_time - eval_time)
+            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
+                  f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
+                  f"critic_loss {last_losses['critic_loss'].item():.3f}  SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s",
+                  flush=True)
+
+    wall_time = time.time() - start_time
+    model_path = run_dir / f"{args.exp_name}.pt"
+    if args.save_model:
+        temporary = model_path.with_suffix(".pt.tmp")
+        torch.save(policy.state_dict(), temporary)
+        os.replace(temporary, model_path)
+        print(f"model saved to {model_path}")
+    summary = {
+        "args": asdict(args), "env_id": env_id, "dataset": args.dataset, "run_dir": str(run_dir),
+        "model_path": str(model_path) if args.save_model else None,
+        "final_returns": result["returns"].tolist(), "final_mean_return": mean_return,
+        "final_std_return": float(result["returns"].std()), "final_normalized_score": score,
+        "total_steps": args.total_steps, "wall_time_s": wall_time, "eval_time_s": eval_time,
+        "updates_per_second": args.total_steps / (wall_time - eval_time), "evaluations": evaluations,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    writer.close()
+    print(f"final return {mean_return:.1f} ± {result['returns'].std():.1f} over {args.eval_episodes} episodes; "
+          f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s.\nRun folder {run_dir} "
+          f"(summary.json, TensorBoard events: tensorboard --logdir runs)")
