@@ -81,7 +81,7 @@ def test_actions_are_mapped_into_non_unit_bounds(cql):
 # ------------------------------------------------------------------------------------ end to end
 def test_run_writes_files_and_saved_model_reproduces_evaluation(cql, pendulum_dataset, tmp_path):
     train(SCRIPT, pendulum_dataset, ["--total-steps", 200, "--eval-freq", 100, "--eval-episodes", 2, "--capture-video",
-                                     "--seed", 4, *FAST], tmp_path)
+                                     "--bc-steps", 100, "--seed", 4, *FAST], tmp_path)
     folder, summary = check_run_folder(tmp_path, SCRIPT, "Pendulum-v1", 4, [100, 200], 2,
                                        {"losses/td_loss", "losses/cql_loss", "losses/actor_loss"})
     actor, critic = cql.TanhGaussianActor(3, 1, 256, 2), cql.TwinCritic(3, 1, 256, 2)
@@ -95,7 +95,10 @@ def test_run_writes_files_and_saved_model_reproduces_evaluation(cql, pendulum_da
 
 def test_learns_pendulum_from_a_noisy_controller(pendulum_dataset, tmp_path):
     # A uniform random policy gets about -1190, the data's episodes about -470, the controller about -130.
-    # 1500 steps of behaviour cloning, then 1500 of CQL (measured: -217 at 3000 steps, seed 1).
+    # 1500 steps of behaviour cloning, then 1500 of CQL at the paper's cql_alpha, tau and actor lr (measured: -217,
+    # -345, -309 for seeds 1, 2, 3). The script's defaults are tuned for Hopper; on this tiny task they were
+    # measured at -277, -463, -196 after 6000 steps, so the test pins the paper's values.
     summary = train(SCRIPT, pendulum_dataset, ["--total-steps", 3000, "--eval-freq", 3000, "--eval-episodes", 5,
-                                               "--bc-steps", 1500, "--no-save-model", *FAST], tmp_path)
+                                               "--bc-steps", 1500, "--cql-alpha", 5, "--tau", 0.005, "--actor-lr", 1e-4,
+                                               "--no-save-model", *FAST], tmp_path)
     assert summary["final_mean_return"] >= -400, summary["final_returns"]
