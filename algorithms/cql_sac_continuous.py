@@ -40,10 +40,12 @@ of reach; the defaults are chosen to learn in 20k steps (about 35 minutes):
   (114, against about 220 once settled) and the actor followed a moving target; at 0.02 it settles by 10k.
 - --actor-lr 3e-5 (CORL's; the issue's 1e-4): at 1e-4 the evaluations swung between 1729 and 3354 from
   7.5k to 20k steps; at 3e-5 they were 2568, 2826, 2967, 2923, 2876 from 10k to 20k.
+
 Measured and not kept: --tau 0.05 (final 3392, but 1528-3392 over the last five evaluations), a narrower
 --target-entropy -9 (final 1259), --cql-alpha 50 at tau 0.005 (collapsed to 675). With the defaults, seeds
 1, 2, 3 ended at 2876, 2721 and 3388 (the data's episodes: 3257) in 2045-2104 s each at 9.6-9.9 updates/s;
 the evaluations still move by several hundred from one to the next (README.md has every one).
+
 These values are tuned on Hopper: on the tests' small Pendulum data they did worse (-277, -463, -196 after
 6000 steps) than the paper's --cql-alpha 5 --tau 0.005 --actor-lr 1e-4 (-217, -345, -309 after 3000).
 """
