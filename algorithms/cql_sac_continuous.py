@@ -42,7 +42,7 @@ of reach; the defaults are chosen to learn in 20k steps (about 35 minutes):
   7.5k to 20k steps; at 3e-5 they were 2568, 2826, 2967, 2923, 2876 from 10k to 20k.
 
 Measured and not kept: --tau 0.05 (final 3392, but 1528-3392 over the last five evaluations), a narrower
---target-entropy -9 (final 1259), --cql-alpha 50 at tau 0.005 (collapsed to 675). With the defaults, seeds
+--target-entropy -9 (final 1259), --cql-alpha 50 at tau 0.005 (675 at 12.5k steps). With the defaults, seeds
 1, 2, 3 ended at 2876, 2721 and 3388 (the data's episodes: 3257) in 2045-2104 s each at 9.6-9.9 updates/s;
 the evaluations still move by several hundred from one to the next (README.md has every one).
 

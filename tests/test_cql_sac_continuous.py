@@ -21,26 +21,27 @@ def cql():
 
 # ------------------------------------------------------------------------------------ mathematics by hand
 def test_conservative_gap_by_hand(cql):
-    # 2 states, 2 sampled actions of each kind, 1-d actions: the uniform density on [-1, 1] is 1/2.
+    # 2 states, 2 sampled actions of each kind, with fixed Q values and (detached) log-probabilities.
     q_random = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     q_current = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
     q_next = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
     log_prob_current = torch.tensor([[-1.0, 0.0], [0.5, 0.0]])
     log_prob_next = torch.tensor([[0.0, 1.0], [0.0, -2.0]])
     q_data = torch.tensor([1.0, 2.0])
-    log_uniform = math.log(0.5)
-    expected = 0.0
-    for state in range(2):
-        terms = [float(q) - log_uniform for q in q_random[state]]
-        terms += [float(q - lp) for q, lp in zip(q_current[state], log_prob_current[state])]
-        terms += [float(q - lp) for q, lp in zip(q_next[state], log_prob_next[state])]
-        expected += math.log(sum(math.exp(term) for term in terms)) / 2
-    expected -= (1.0 + 2.0) / 2
-    gap = cql.cql_conservative_gap(q_random, q_current, q_next, log_prob_current, log_prob_next, q_data, action_dim=1)
-    assert gap.item() == pytest.approx(expected, abs=1e-5)
-    # With 3-d actions the uniform density is 1/8: only the random actions' terms move, by log 4.
-    gap_3d = cql.cql_conservative_gap(q_random, q_current, q_next, log_prob_current, log_prob_next, q_data, action_dim=3)
-    assert gap_3d.item() > gap.item()
+
+    def by_hand(action_dim: int) -> float:
+        log_uniform = action_dim * math.log(0.5)  # the uniform density on [-1, 1]^action_dim is 0.5^action_dim
+        gap = 0.0
+        for state in range(2):
+            terms = [float(q) - log_uniform for q in q_random[state]]
+            terms += [float(q - lp) for q, lp in zip(q_current[state], log_prob_current[state])]
+            terms += [float(q - lp) for q, lp in zip(q_next[state], log_prob_next[state])]
+            gap += math.log(sum(math.exp(term) for term in terms)) / 2
+        return gap - (1.0 + 2.0) / 2
+
+    for action_dim in (1, 3):  # with 3-d actions only the random actions' terms move, by log 4
+        gap = cql.cql_conservative_gap(q_random, q_current, q_next, log_prob_current, log_prob_next, q_data, action_dim)
+        assert gap.item() == pytest.approx(by_hand(action_dim), abs=1e-5)
 
 
 def test_soft_target_by_hand(cql):
