@@ -372,9 +372,11 @@ if __name__ == "__main__":
 
     policy = BCQPolicy(obs_dim, act_dim, space.low, space.high, args.phi, args.vae_hidden_dim).to(device)
     target_actor, target_critic = copy.deepcopy(policy.actor), copy.deepcopy(policy.critic)
-    vae_optimizer = torch.optim.Adam(policy.vae.parameters(), lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(policy.actor.parameters(), lr=args.learning_rate)
-    critic_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=args.learning_rate)
+    target_parameters = [*target_actor.parameters(), *target_critic.parameters()]
+    online_parameters = [*policy.actor.parameters(), *policy.critic.parameters()]
+    vae_optimizer = torch.optim.Adam(policy.vae.parameters(), lr=args.learning_rate, fused=True)
+    actor_optimizer = torch.optim.Adam(policy.actor.parameters(), lr=args.learning_rate, fused=True)
+    critic_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=args.learning_rate, fused=True)
     actor_parameters = list(policy.actor.parameters())
     # The networks see actions in [-1, 1]; clamping covers dataset actions a hair outside the bounds.
     data["actions"] = normalize_actions(data["actions"], policy.action_low, policy.action_high).clamp(-1.0, 1.0)
@@ -422,27 +424,27 @@ if __name__ == "__main__":
         actor_loss.backward(inputs=actor_parameters)
         actor_optimizer.step()
 
-        losses = {"vae_loss": vae_loss, "reconstruction_loss": reconstruction_loss, "kl_loss": kl_loss,
-                  "critic_loss": critic_loss, "actor_loss": actor_loss}
-        if not all(torch.isfinite(loss) for loss in losses.values()):
-            fail(f"a loss became non-finite at gradient step {global_step} ({ {k: v.item() for k, v in losses.items()} }); "
-                 f"last finite losses: { {k: round(v.item(), 6) for k, v in last_losses.items()} }. Try a lower --learning-rate.")
-        last_losses = {name: value.detach() for name, value in losses.items()}
         with torch.no_grad():
-            for target, online in ((target_actor, policy.actor), (target_critic, policy.critic)):
-                for target_param, param in zip(target.parameters(), online.parameters()):
-                    target_param.lerp_(param, args.tau)
+            # One fused lerp over all parameters: target <- target + tau * (online - target).
+            torch._foreach_lerp_(target_parameters, online_parameters, args.tau)
 
         if global_step % args.log_freq == 0:
-            for name, value in last_losses.items():
-                writer.add_scalar(f"losses/{name}", value.item(), global_step)
+            # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
+            losses = {"vae_loss": vae_loss.item(), "reconstruction_loss": reconstruction_loss.item(), "kl_loss": kl_loss.item(),
+                      "critic_loss": critic_loss.item(), "actor_loss": actor_loss.item()}
+            if not np.isfinite(list(losses.values())).all():
+                fail(f"a loss became non-finite at gradient step {global_step} (checked every --log-freq steps): {losses}; "
+                     f"last finite losses: { {k: round(v, 6) for k, v in last_losses.items()} }. Try a lower --learning-rate.")
+            last_losses = losses
+            for name, value in losses.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
             writer.add_scalar("diagnostics/q_data", q1.float().mean().item(), global_step)
             writer.add_scalar("diagnostics/target", targets.mean().item(), global_step)
             writer.add_scalar("diagnostics/perturbation", (perturbed_actions - sampled_actions).abs().mean().item(), global_step)
             sps = global_step / (time.time() - start_time - eval_time)
             writer.add_scalar("charts/SPS", sps, global_step)
             if time.time() - last_print > 60:  # a sign of life between evaluations, about once a minute
-                print(f"step {global_step}/{args.total_steps}  critic_loss {last_losses['critic_loss'].item():.3f}  SPS {sps:.1f}", flush=True)
+                print(f"step {global_step}/{args.total_steps}  critic_loss {critic_loss.item():.3f}  SPS {sps:.1f}", flush=True)
                 last_print = time.time()
 
         if global_step % args.eval_freq == 0 or global_step == args.total_steps:
@@ -466,7 +468,7 @@ if __name__ == "__main__":
             sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
                   f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
-                  f"critic_loss {last_losses['critic_loss'].item():.3f}  SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s",
+                  f"critic_loss {critic_loss.item():.3f}  SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s",
                   flush=True)
 
     wall_time = time.time() - start_time

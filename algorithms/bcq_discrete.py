@@ -265,7 +265,7 @@ if __name__ == "__main__":
     network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
     target_network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
     target_network.load_state_dict(network.state_dict())
-    optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, fused=True)
     num_transitions = len(data["rewards"])
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
 
@@ -285,22 +285,25 @@ if __name__ == "__main__":
         imitation_loss = F.cross_entropy(imitation_logits, actions)
         logit_loss = imitation_logits.pow(2).mean()
         loss = td_loss + imitation_loss + args.logit_penalty * logit_loss
-        if not torch.isfinite(loss):
-            fail(f"the loss became {loss.item()} at gradient step {global_step}; last finite losses: "
-                 f"{ {name: round(value.item(), 6) for name, value in last_losses.items()} }. Try a lower --learning-rate.")
-        last_losses = {"td_loss": td_loss.detach(), "imitation_loss": imitation_loss.detach(),
-                       "logit_loss": logit_loss.detach(), "loss": loss.detach()}
 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            for target_param, param in zip(target_network.parameters(), network.parameters()):
-                target_param.lerp_(param, args.tau)
+            # One fused lerp over all parameters: target <- target + tau * (online - target).
+            torch._foreach_lerp_(list(target_network.parameters()), list(network.parameters()), args.tau)
 
         if global_step % args.log_freq == 0:
-            for name, value in last_losses.items():
-                writer.add_scalar(f"losses/{name}", value.item(), global_step)
+            # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
+            losses = {"td_loss": td_loss.item(), "imitation_loss": imitation_loss.item(), "logit_loss": logit_loss.item(),
+                      "loss": loss.item()}
+            if not np.isfinite(losses["loss"]):
+                fail(f"the loss became {losses['loss']} at gradient step {global_step} (checked every --log-freq steps); "
+                     f"last finite losses: { {name: round(value, 6) for name, value in last_losses.items()} }. "
+                     f"Try a lower --learning-rate.")
+            last_losses = losses
+            for name, value in losses.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
             writer.add_scalar("diagnostics/q_data", q_data.mean().item(), global_step)
             allowed_count = allowed_actions(imitation_logits, args.threshold).float().sum(dim=1).mean()
             writer.add_scalar("diagnostics/allowed_actions", allowed_count.item(), global_step)
@@ -327,7 +330,7 @@ if __name__ == "__main__":
             sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
                   f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
-                  f"td_loss {last_losses['td_loss'].item():.3f}  SPS {sps:.0f}", flush=True)
+                  f"td_loss {td_loss.item():.3f}  SPS {sps:.0f}", flush=True)
 
     wall_time = time.time() - start_time
     model_path = run_dir / f"{args.exp_name}.pt"

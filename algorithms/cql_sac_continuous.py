@@ -392,14 +392,14 @@ if __name__ == "__main__":
             normalizer.std.copy_(obs_std)
     target_critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers).to(device)
     target_critic.load_state_dict(critic.state_dict())
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.bc_actor_lr if args.bc_steps > 0 else args.actor_lr)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.bc_actor_lr if args.bc_steps > 0 else args.actor_lr, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
     # SAC's automatic entropy tuning (Haarnoja et al., 2018b): keep the policy's entropy near -action_dim.
     log_entropy_alpha = torch.zeros(1, device=device, requires_grad=True)
-    entropy_optimizer = torch.optim.Adam([log_entropy_alpha], lr=args.alpha_lr)
+    entropy_optimizer = torch.optim.Adam([log_entropy_alpha], lr=args.alpha_lr, fused=True)
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
     log_cql_alpha = torch.tensor([math.log(max(args.cql_alpha, 1e-8))], device=device, requires_grad=True)
-    cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha], lr=args.alpha_lr)
+    cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha], lr=args.alpha_lr, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     num_transitions, batch, repeats = len(data["rewards"]), args.batch_size, args.num_random
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
@@ -463,11 +463,6 @@ if __name__ == "__main__":
                 actor_loss = (entropy_alpha * log_prob - critic(observations, policy_actions).min(dim=0).values).mean()
         actor_loss = actor_loss.float()
         entropy_loss = -(log_entropy_alpha * (log_prob.detach().float() + target_entropy)).mean()
-        loss = critic_loss.detach() + actor_loss.detach()
-        if not torch.isfinite(loss):
-            fail(f"the loss became {loss.item()} at gradient step {global_step}; last finite losses: "
-                 f"{ {name: round(value.item(), 6) for name, value in last_losses.items()} }. Try a lower learning rate.")
-        last_losses = {"td_loss": td_loss.detach(), "cql_loss": cql_loss.detach(), "actor_loss": actor_loss.detach()}
         actor_optimizer.zero_grad()
         actor_loss.backward(inputs=list(actor.parameters()))  # the critics' gradients are not needed
         actor_optimizer.step()
@@ -475,12 +470,19 @@ if __name__ == "__main__":
         entropy_loss.backward()
         entropy_optimizer.step()
         with torch.no_grad():
-            for target_param, param in zip(target_critic.parameters(), critic.parameters()):
-                target_param.lerp_(param, args.tau)
+            # One fused lerp over all parameters: target <- target + tau * (online - target).
+            torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
 
         if global_step % args.log_freq == 0:
-            for name, value in last_losses.items():
-                writer.add_scalar(f"losses/{name}", value.item(), global_step)
+            # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
+            losses = {"td_loss": td_loss.item(), "cql_loss": cql_loss.item(), "actor_loss": actor_loss.item()}
+            if not np.isfinite(list(losses.values())).all():
+                fail(f"a loss became non-finite at gradient step {global_step} (checked every --log-freq steps): {losses}; "
+                     f"last finite losses: { {name: round(value, 6) for name, value in last_losses.items()} }. "
+                     f"Try a lower learning rate.")
+            last_losses = losses
+            for name, value in losses.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
             writer.add_scalar("losses/entropy_alpha", entropy_alpha.item(), global_step)
             writer.add_scalar("losses/cql_alpha", float(cql_alpha), global_step)
             writer.add_scalar("diagnostics/q_data", q_data.mean().item(), global_step)
@@ -489,7 +491,7 @@ if __name__ == "__main__":
             sps = global_step / (time.time() - start_time - eval_time)
             writer.add_scalar("charts/SPS", sps, global_step)
             if time.time() - last_print > 60:  # a sign of life between evaluations, about once a minute
-                print(f"step {global_step}/{args.total_steps}  td_loss {last_losses['td_loss'].item():.3f}  SPS {sps:.1f}", flush=True)
+                print(f"step {global_step}/{args.total_steps}  td_loss {td_loss.item():.3f}  SPS {sps:.1f}", flush=True)
                 last_print = time.time()
 
         if global_step % args.eval_freq == 0 or global_step == args.total_steps:
@@ -513,7 +515,7 @@ if __name__ == "__main__":
             sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
                   f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
-                  f"td_loss {last_losses['td_loss'].item():.3f}  SPS {sps:.1f}", flush=True)
+                  f"td_loss {td_loss.item():.3f}  SPS {sps:.1f}", flush=True)
 
     wall_time = time.time() - start_time
     model_path = run_dir / f"{args.exp_name}.pt"

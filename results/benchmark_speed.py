@@ -1,0 +1,318 @@
+"""Speed of our four algorithms against d3rlpy 2.8.1's, side by side in one run, and against this CPU's limit.
+
+    .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (about 30 minutes on 2 cores)
+
+For each case (an algorithm at its script's defaults, and CQL-SAC also at the paper's sizes) it times our
+script, run from the command line as a user runs it (`updates_per_second` of its summary.json, which leaves
+out evaluation), and d3rlpy's implementation of the same algorithm with the same network sizes, batch and
+sample counts (results/d3rlpy_speed.py), on the same dataset. The two alternate, at each thread count, for
+--repeats rounds, and the table shows the medians and their ratio. It also reports:
+- each update's FLOPs (results/count_flops.py, torch's FlopCounterMode) against this machine's matmul peak
+  (a 2048x2048 fp32 matmul; bf16 on a smaller one), as a share of the limit;
+- the collector's transitions per second with one env against a vector env with batched prediction;
+- the share of evaluation in the wall time of default training runs whose summary.json is in --default-runs.
+
+d3rlpy pins its own gymnasium, so it lives in a venv of its own, made on first use with
+    python3 -m venv .venv-d3rlpy && .venv-d3rlpy/bin/pip install torch==2.13.0 d3rlpy==2.8.1
+(torch first and in the same command, or pip fetches CUDA wheels). The datasets are those of the README:
+    python data_collection/collect_dataset.py --env-id LunarLander-v3 --policy expert   (and BipedalWalker-v3, Hopper-v5)
+The collector measurement reads the sb3 agents from the Hub cache in --hf-cache.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+D3RLPY_REQUIREMENTS = ["torch==2.13.0", "d3rlpy==2.8.1"]
+
+
+@dataclass
+class Args:
+    repeats: int = 3
+    """timed runs of each implementation per case and thread count; the tables show the median"""
+    threads: tuple[int, ...] = (1, 2)
+    """torch thread counts to measure at"""
+    step_scale: float = 1.0
+    """multiplies every case's timed gradient steps (0.05 for a quick check of the script itself)"""
+    d3rlpy_venv: Path = ROOT / ".venv-d3rlpy"
+    """venv with d3rlpy 2.8.1; created when missing"""
+    hf_cache: Path = ROOT.parent / "shared" / "hf-cache"
+    """Hugging Face Hub cache holding the sb3 agents, for the collector measurement"""
+    collector_transitions: int = 20_000
+    """transitions per collector run"""
+    default_runs: Path = ROOT / "results" / "default_runs"
+    """folder of default training runs (each a folder with summary.json) for the evaluation share"""
+    output: Path = ROOT / "results" / "speed.md"
+    """the report"""
+
+
+@dataclass
+class Case:
+    name: str
+    script: str
+    flags: list[str]
+    dataset: str
+    d3rlpy_algo: str
+    d3rlpy_settings: dict
+    steps: int
+    """timed gradient steps per run"""
+    target_ratio: float
+
+
+LUNAR, BIPEDAL, HOPPER = (f"datasets/{env}/expert.npz" for env in ("LunarLander-v3", "BipedalWalker-v3", "Hopper-v5"))
+CQL_SAC_D3RLPY = {"batch_size": 256, "cql_alpha": 20.0, "lagrange": False, "target_action_gap": 10.0, "alpha_lr": 3e-4}
+CASES = [
+    Case("CQL-DQN, defaults (256-256, batch 64)", "algorithms/cql_discrete_lunarlander.py", [], LUNAR, "DiscreteCQL",
+         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 1e-3, "cql_alpha": 1.0, "target_update_interval": 1000},
+         3000, 3.0),
+    Case("discrete BCQ, defaults (256-256, batch 64, separate Q and imitation networks)", "algorithms/bcq_discrete.py", [],
+         LUNAR, "DiscreteBCQ",
+         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 3e-4, "threshold": 0.3, "target_update_interval": 1000,
+          "shared_trunk": False}, 2000, 3.0),
+    Case("BCQ, defaults = paper (VAE 750-750, actor and critics 400-300, batch 100, 10 samples)",
+         "algorithms/bcq_continuous.py", [], BIPEDAL, "BCQ",
+         {"batch_size": 100, "actor_hidden": [400, 300], "critic_hidden": [400, 300], "vae_hidden": [750, 750],
+          "target_samples": 10, "lmbda": 0.75, "phi": 0.05}, 120, 1.5),
+    # --bc-steps 0: the timed steps are CQL steps, as d3rlpy's; behaviour-cloning steps are cheaper.
+    Case("CQL-SAC, defaults (256-256, batch 256, 5 samples of each kind)", "algorithms/cql_sac_continuous.py",
+         ["--bc-steps", "0"], HOPPER, "CQL", {**CQL_SAC_D3RLPY, "hidden": [256, 256], "num_random": 5}, 80, 1.5),
+    Case("CQL-SAC, paper (3x256, batch 256, 10 samples of each kind)", "algorithms/cql_sac_continuous.py",
+         ["--bc-steps", "0", "--num-layers", "3", "--num-random", "10"], HOPPER, "CQL",
+         {**CQL_SAC_D3RLPY, "hidden": [256, 256, 256], "num_random": 10}, 50, 1.5),
+]
+FLOP_TARGET = 0.6  # share of the fp32 limit the issue asks of the two compute-bound continuous updates
+
+
+def run(command: list, cwd: Path, env: Optional[dict] = None) -> str:
+    """Run a command; on failure stop with its output."""
+    result = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: this command failed (exit {result.returncode}):\n  {shlex.join(map(str, command))}\n"
+                         f"{result.stdout[-2000:]}{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def ensure_d3rlpy(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import d3rlpy"], capture_output=True).returncode == 0:
+        return python
+    print(f"creating {venv} with {' '.join(D3RLPY_REQUIREMENTS)} (a few minutes)", flush=True)
+    run([sys.executable, "-m", "venv", venv], ROOT)
+    run([python, "-m", "pip", "install", "--quiet", *D3RLPY_REQUIREMENTS], ROOT)
+    return python
+
+
+def ours_updates_per_second(case: Case, threads: int, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        run([sys.executable, ROOT / case.script, "--dataset", ROOT / case.dataset, "--total-steps", steps, "--eval-freq", steps,
+             "--eval-episodes", 1, "--no-save-model", "--threads", threads, *case.flags], Path(folder))
+        (summary,) = Path(folder).glob("runs/*/summary.json")
+        return json.loads(summary.read_text())["updates_per_second"]
+
+
+def d3rlpy_command(case: Case, python: Path, threads: int, steps: int) -> list:
+    return [python, ROOT / "results" / "d3rlpy_speed.py", "--algo", case.d3rlpy_algo, "--dataset", ROOT / case.dataset,
+            "--steps", steps, "--threads", threads, "--settings", json.dumps(case.d3rlpy_settings)]
+
+
+def d3rlpy_updates_per_second(case: Case, python: Path, threads: int, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as folder:  # d3rlpy may write a d3rlpy_logs folder
+        output = run(d3rlpy_command(case, python, threads, steps), Path(folder))
+    return json.loads(output.strip().splitlines()[-1])["updates_per_second"]
+
+
+def flops_per_update(case: Case, d3rlpy_python: Path) -> tuple[float, float]:
+    """(ours, d3rlpy's) FLOPs of one update, each counted by results/count_flops.py in its own venv."""
+    updates, counter = 10, ROOT / "results" / "count_flops.py"
+    with tempfile.TemporaryDirectory() as folder:
+        ours = run([sys.executable, counter, "--updates", updates, "--", ROOT / case.script, "--dataset", ROOT / case.dataset,
+                    "--total-steps", updates, "--eval-freq", updates, "--eval-episodes", 1, "--no-save-model", *case.flags],
+                   Path(folder))
+        # d3rlpy_speed.py makes a warm-up fit of min(20, steps) updates before the timed one.
+        theirs = run([d3rlpy_python, counter, "--updates", 2 * updates, "--",
+                      *d3rlpy_command(case, d3rlpy_python, 1, updates)[1:]], Path(folder))
+    return json.loads(ours.splitlines()[-1])["flops_per_update"], json.loads(theirs.splitlines()[-1])["flops_per_update"]
+
+
+def matmul_peak(threads: int, dtype: torch.dtype, size: int) -> float:
+    """Best GFLOP/s of a size x size matmul over a few tries."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def collector_transitions_per_second(env_id: str, num_envs: int, transitions: int, hf_cache: Path) -> float:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache)}
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "dataset.npz"
+        run([sys.executable, ROOT / "data_collection" / "collect_dataset.py", "--env-id", env_id, "--policy", "expert",
+             "--num-transitions", transitions, "--num-envs", num_envs, "--reference-episodes", 1, "--output", output],
+            Path(folder), env)
+        with np.load(output) as file:
+            metadata = json.loads(str(file["metadata"]))
+    return metadata["num_transitions"] / metadata["collection_seconds"]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, description=__doc__)
+    missing = [case.dataset for case in CASES if not (ROOT / case.dataset).is_file()]
+    if missing:
+        raise SystemExit("error: missing datasets " + ", ".join(sorted(set(missing))) + ". Build each with\n  " + "\n  ".join(
+            f"python data_collection/collect_dataset.py --env-id {Path(path).parent.name} --policy expert" for path in sorted(set(missing))))
+    started, started_wall = time.time(), datetime.datetime.now(datetime.timezone.utc)
+    d3rlpy_python = ensure_d3rlpy(args.d3rlpy_venv)
+    d3rlpy_version = run([d3rlpy_python, "-c", "import d3rlpy; print(d3rlpy.__version__)"], ROOT).strip()
+
+    # Ours and d3rlpy's alternate within each round, so that a slow spell of the machine hits both.
+    speeds: dict[tuple[str, int, str], list[float]] = {}
+    for round_index in range(args.repeats):
+        for threads in args.threads:
+            for case in CASES:
+                steps = max(2, round(case.steps * args.step_scale))
+                first, second = ("ours", "d3rlpy") if round_index % 2 == 0 else ("d3rlpy", "ours")
+                for implementation in (first, second):
+                    value = (ours_updates_per_second(case, threads, steps) if implementation == "ours"
+                             else d3rlpy_updates_per_second(case, d3rlpy_python, threads, steps))
+                    speeds.setdefault((case.name, threads, implementation), []).append(value)
+                    print(f"round {round_index + 1}/{args.repeats}  {threads} thread(s)  {implementation:6s}  {value:8.1f} updates/s  "
+                          f"{case.name}", flush=True)
+
+    flops = {case.name: flops_per_update(case, d3rlpy_python) for case in CASES}
+    peaks = {(threads, "fp32"): matmul_peak(threads, torch.float32, 2048) for threads in args.threads}
+    peaks.update({(threads, "bf16"): matmul_peak(threads, torch.bfloat16, 512) for threads in args.threads})
+
+    collector = {}
+    if (args.hf_cache / "models--sb3--ppo-LunarLander-v2").exists():
+        for env_id in ("LunarLander-v3", "Hopper-v5"):
+            for num_envs in (1, 8):
+                collector[(env_id, num_envs)] = collector_transitions_per_second(
+                    env_id, num_envs, args.collector_transitions, args.hf_cache)
+                print(f"collector {env_id} num_envs {num_envs}: {collector[(env_id, num_envs)]:.0f} transitions/s", flush=True)
+
+    evaluation_shares = []
+    for summary_path in sorted(args.default_runs.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        evaluation_shares.append((summary_path.parent.name, summary["eval_time_s"], summary["wall_time_s"],
+                                  summary["updates_per_second"], summary["final_mean_return"]))
+
+    # ------------------------------------------------------------------------------------------------- report
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "algorithms", "results"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    command = shlex.join(["python", "results/benchmark_speed.py", *sys.argv[1:]])
+    lines = [
+        "# Speed: our scripts against d3rlpy, and against this CPU's limit",
+        "",
+        f"Made by `{command}` on {started_wall:%Y-%m-%d %H:%M} UTC in {(time.time() - started) / 60:.0f} min, at commit "
+        f"`{commit}`{' with uncommitted changes' if dirty else ''}. Machine: {cpu_name()}, {os.cpu_count()} cores, "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}, torch {torch.__version__} (CPU), "
+        f"d3rlpy {d3rlpy_version} with the same torch in its own venv.",
+        "",
+        "## Gradient updates per second",
+        "",
+        f"Median of {args.repeats} runs each, ours and d3rlpy's alternating, on the 200k-transition expert datasets. "
+        "Ours: the script from the command line, `updates_per_second` of its summary.json (evaluation left out). "
+        "d3rlpy: `fit` with matched sizes (results/d3rlpy_speed.py), after a 20-update warm-up. "
+        "The ratio compares the two at the same thread count.",
+        "",
+        "| case | threads | ours | d3rlpy | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    best_ratios = {}
+    for case in CASES:
+        for threads in args.threads:
+            ours, theirs = median(speeds[(case.name, threads, "ours")]), median(speeds[(case.name, threads, "d3rlpy")])
+            lines.append(f"| {case.name} | {threads} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | "
+                         f"{case.target_ratio}x | {'yes' if ours / theirs >= case.target_ratio else 'no'} |")
+        best_ours = max(median(speeds[(case.name, t, "ours")]) for t in args.threads)
+        best_theirs = max(median(speeds[(case.name, t, "d3rlpy")]) for t in args.threads)
+        best_ratios[case.name] = (best_ours, best_theirs)
+    lines += ["", "Each at its better thread count:", "", "| case | ours | d3rlpy | ratio |", "|---|---|---|---|"]
+    for case in CASES:
+        best_ours, best_theirs = best_ratios[case.name]
+        lines.append(f"| {case.name} | {best_ours:.1f} | {best_theirs:.1f} | {best_ours / best_theirs:.2f}x |")
+    lines += ["", "All runs, updates/s:", ""]
+    for (name, threads, implementation), values in speeds.items():
+        lines.append(f"- {name}, {threads} thread(s), {implementation}: {', '.join(f'{value:.1f}' for value in values)}")
+
+    lines += [
+        "", "## FLOPs per update against the machine's limit", "",
+        "FLOPs of one update counted by torch's FlopCounterMode (matrix products) between the ends of the first and "
+        "the last of 10 updates (results/count_flops.py). Limit: the best of 5 fp32 2048x2048 matmuls at that "
+        "thread count. Equal FLOPs for ours and d3rlpy's say the settings match.", "",
+        "| case | ours GFLOP/update | d3rlpy GFLOP/update | " + " | ".join(
+            f"ours GFLOP/s, {t} thread(s) | share of fp32 limit" for t in args.threads) + " |",
+        "|---|---|---|" + "---|---|" * len(args.threads),
+    ]
+    for case in CASES:
+        ours_flops, their_flops = flops[case.name]
+        cells = []
+        for threads in args.threads:
+            achieved = ours_flops * median(speeds[(case.name, threads, "ours")]) / 1e9
+            cells.append(f"{achieved:.1f} | {100 * achieved / peaks[(threads, 'fp32')]:.0f}%")
+        lines.append(f"| {case.name} | {ours_flops / 1e9:.3f} | {their_flops / 1e9:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "| matmul peak | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |",
+              "|---|" + "---|" * len(args.threads)]
+    lines.append("| fp32, 2048x2048, GFLOP/s | " + " | ".join(f"{peaks[(t, 'fp32')]:.0f}" for t in args.threads) + " |")
+    lines.append("| bf16, 512x512, GFLOP/s | " + " | ".join(f"{peaks[(t, 'bf16')]:.1f}" for t in args.threads) + " |")
+    lines += ["", f"The issue asks {100 * FLOP_TARGET:.0f}% of the fp32 limit for the two continuous updates."]
+
+    lines += ["", "## Collector: one env against a vector env", ""]
+    if collector:
+        lines += [f"`data_collection/collect_dataset.py --policy expert --num-transitions {args.collector_transitions}`, "
+                  "collection time from the dataset's metadata (reference episodes left out).", "",
+                  "| env | --num-envs 1 | --num-envs 8 | speed-up |", "|---|---|---|---|"]
+        for env_id in ("LunarLander-v3", "Hopper-v5"):
+            one, eight = collector[(env_id, 1)], collector[(env_id, 8)]
+            lines.append(f"| {env_id} | {one:.0f} transitions/s | {eight:.0f} transitions/s | {eight / one:.1f}x |")
+    else:
+        lines.append(f"Not measured: no sb3 agents in {args.hf_cache} (give --hf-cache).")
+
+    lines += ["", "## Evaluation's share of a default run", ""]
+    if evaluation_shares:
+        lines += [f"From the summary.json of the default runs in `{args.default_runs.relative_to(ROOT)}/`.", "",
+                  "| run | evaluation | wall time | share | updates/s | final return |", "|---|---|---|---|---|---|"]
+        for name, eval_time, wall_time, updates_per_second, final_return in evaluation_shares:
+            lines.append(f"| {name} | {eval_time:.0f} s | {wall_time:.0f} s | {100 * eval_time / wall_time:.1f}% | "
+                         f"{updates_per_second:.1f} | {final_return:.1f} |")
+    else:
+        lines.append(f"Not measured: no run folders with summary.json in {args.default_runs}.")
+    temporary = args.output.with_suffix(".md.tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, args.output)
+    print(f"wrote {args.output}")

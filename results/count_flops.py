@@ -1,0 +1,45 @@
+"""Floating-point operations of one gradient update of a training script, counted by torch's FlopCounterMode.
+
+    python results/count_flops.py --updates 30 -- algorithms/bcq_continuous.py --total-steps 30 --eval-freq 30 ...
+
+runs the script as `python <script> <its arguments>` would (as __main__, with its own command line), under
+torch.utils.flop_counter.FlopCounterMode, and reads the counter after every optimizer step through torch's
+global optimizer hook. An update's FLOPs are those counted between the end of the first update and the end of
+the last one, divided by the updates in between, so the setup before the first update and the evaluation after
+the last one are left out. It
+prints one JSON line: {"flops_per_update": ..., "optimizer_steps": ...}. FlopCounterMode counts the matrix
+products (mm, addmm, bmm, baddbmm, convolutions), where nearly all of the arithmetic of these networks is.
+benchmark_speed.py uses it with our venv for our scripts and with the d3rlpy venv for results/d3rlpy_speed.py.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import runpy
+import sys
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.flop_counter import FlopCounterMode
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--updates", type=int, required=True, help="gradient updates the script will make")
+parser.add_argument("script", help="the training script")
+parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments (after --)")
+args = parser.parse_args()
+script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+
+counter = FlopCounterMode(display=False)
+counts_after_step = []
+register_optimizer_step_post_hook(
+    lambda optimizer, *_: counts_after_step.append(counter.get_total_flops()))
+sys.argv = [args.script, *script_args]
+with counter, contextlib.redirect_stdout(io.StringIO()):
+    runpy.run_path(args.script, run_name="__main__")
+steps = len(counts_after_step)
+if args.updates < 2 or steps % args.updates:
+    raise SystemExit(f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the script's step count")
+steps_per_update = steps // args.updates
+flops = (counts_after_step[-1] - counts_after_step[steps_per_update - 1]) / (args.updates - 1)
+print(json.dumps({"flops_per_update": flops, "optimizer_steps": steps}))

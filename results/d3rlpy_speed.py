@@ -1,0 +1,75 @@
+"""Gradient updates per second of one d3rlpy 2.8.1 algorithm on one of our datasets (run by benchmark_speed.py).
+
+It runs in the separate venv that benchmark_speed.py creates (d3rlpy pins its own gymnasium), so it imports
+nothing from this repo. The settings come as one JSON object, for example
+
+    python results/d3rlpy_speed.py --algo DiscreteCQL --dataset datasets/LunarLander-v3/expert.npz \
+        --steps 3000 --threads 1 --settings '{"hidden": [256, 256], "batch_size": 64}'
+
+and it prints one JSON line: {"updates_per_second": ...}. Only `fit` is timed (no evaluation, no logging).
+"""
+
+import argparse
+import json
+import time
+
+import d3rlpy
+import numpy as np
+import torch
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--algo", required=True, choices=["DiscreteCQL", "DiscreteBCQ", "BCQ", "CQL"])
+parser.add_argument("--dataset", required=True, help="a .npz of data_collection/collect_dataset.py")
+parser.add_argument("--steps", type=int, default=1000, help="gradient steps to time")
+parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+parser.add_argument("--settings", default="{}", help="JSON: hidden, batch_size and the algorithm's sizes")
+parser.add_argument("--seed", type=int, default=1)
+args = parser.parse_args()
+settings = json.loads(args.settings)
+torch.set_num_threads(args.threads)
+d3rlpy.seed(args.seed)
+
+with np.load(args.dataset) as file:
+    discrete = file["actions"].ndim == 1
+    dataset = d3rlpy.dataset.MDPDataset(
+        file["observations"], file["actions"].reshape(len(file["actions"]), -1), file["rewards"], file["terminations"],
+        timeouts=file["truncations"],
+        action_space=d3rlpy.constants.ActionSpace.DISCRETE if discrete else d3rlpy.constants.ActionSpace.CONTINUOUS,
+        action_size=int(file["actions"].max()) + 1 if discrete else None,
+    )
+
+
+def encoder(hidden: list[int]) -> d3rlpy.models.VectorEncoderFactory:
+    return d3rlpy.models.VectorEncoderFactory(hidden_units=hidden)
+
+
+if args.algo == "DiscreteCQL":
+    config = d3rlpy.algos.DiscreteCQLConfig(
+        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]), learning_rate=settings["learning_rate"],
+        alpha=settings["cql_alpha"], target_update_interval=settings["target_update_interval"])
+elif args.algo == "DiscreteBCQ":
+    config = d3rlpy.algos.DiscreteBCQConfig(
+        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]), learning_rate=settings["learning_rate"],
+        action_flexibility=settings["threshold"], target_update_interval=settings["target_update_interval"],
+        share_encoder=settings["shared_trunk"])
+elif args.algo == "BCQ":
+    # n_action_samples is used both in the target and when acting; only the target matters while training.
+    config = d3rlpy.algos.BCQConfig(
+        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["actor_hidden"]),
+        critic_encoder_factory=encoder(settings["critic_hidden"]), imitator_encoder_factory=encoder(settings["vae_hidden"]),
+        n_action_samples=settings["target_samples"], lam=settings["lmbda"], action_flexibility=settings["phi"])
+else:
+    config = d3rlpy.algos.CQLConfig(
+        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),
+        critic_encoder_factory=encoder(settings["hidden"]), n_action_samples=settings["num_random"],
+        conservative_weight=settings["cql_alpha"], alpha_threshold=settings["target_action_gap"],
+        alpha_learning_rate=settings["alpha_lr"] if settings["lagrange"] else 0.0)
+
+algo = config.create(device="cpu:0")
+algo.build_with_dataset(dataset)
+fit = dict(n_steps_per_epoch=args.steps, show_progress=False, save_interval=10**9,
+           logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+algo.fit(dataset, n_steps=min(20, args.steps), **{**fit, "n_steps_per_epoch": min(20, args.steps)})  # warm-up
+start = time.perf_counter()
+algo.fit(dataset, n_steps=args.steps, **fit)
+print(json.dumps({"updates_per_second": args.steps / (time.perf_counter() - start)}))
