@@ -392,14 +392,14 @@ if __name__ == "__main__":
             normalizer.std.copy_(obs_std)
     target_critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers).to(device)
     target_critic.load_state_dict(critic.state_dict())
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.bc_actor_lr if args.bc_steps > 0 else args.actor_lr, fused=True)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.bc_actor_lr if args.bc_steps > 0 else args.actor_lr)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     # SAC's automatic entropy tuning (Haarnoja et al., 2018b): keep the policy's entropy near -action_dim.
     log_entropy_alpha = torch.zeros(1, device=device, requires_grad=True)
-    entropy_optimizer = torch.optim.Adam([log_entropy_alpha], lr=args.alpha_lr, fused=True)
+    entropy_optimizer = torch.optim.Adam([log_entropy_alpha], lr=args.alpha_lr)
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
     log_cql_alpha = torch.tensor([math.log(max(args.cql_alpha, 1e-8))], device=device, requires_grad=True)
-    cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha], lr=args.alpha_lr, fused=True)
+    cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha], lr=args.alpha_lr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     num_transitions, batch, repeats = len(data["rewards"]), args.batch_size, args.num_random
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
