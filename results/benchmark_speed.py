@@ -1,6 +1,6 @@
 """Speed of our four algorithms against d3rlpy 2.8.1's, side by side in one run, and against this CPU's limit.
 
-    .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (about 30 minutes on 2 cores)
+    .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (about 25 minutes on 2 cores)
 
 For each case (an algorithm at its script's defaults, and CQL-SAC also at the paper's sizes) it times our
 script, run from the command line as a user runs it (`updates_per_second` of its summary.json, which leaves
