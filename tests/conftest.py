@@ -222,9 +222,9 @@ def train(name: str, dataset: Path, args: list, cwd: Path) -> dict:
 
 
 def check_run_folder(cwd: Path, name: str, env_id: str, seed: int, eval_steps: list[int], episodes: int,
-                     loss_tags: set[str]) -> tuple[Path, dict]:
+                     loss_tags: set[str], has_q_values: bool = True) -> tuple[Path, dict]:
     """What every algorithm promises after a run with --capture-video: the run folder's name, TensorBoard events
-    with the shared tags and the script's losses, a video, summary.json with its keys and one entry per
+    with the shared tags (q_initial only where the script has Q-values) and the script's losses, a video, summary.json with its keys and one entry per
     evaluation. Returns the folder and the summary."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -237,7 +237,8 @@ def check_run_folder(cwd: Path, name: str, env_id: str, seed: int, eval_steps: l
     assert summary["total_steps"] == eval_steps[-1] and len(summary["final_returns"]) == episodes
     assert np.isfinite(summary["final_returns"]).all() and summary["final_normalized_score"] is not None
     tags = set(EventAccumulator(str(folder)).Reload().Tags()["scalars"])
-    assert EVALUATION_TAGS | loss_tags <= tags, (EVALUATION_TAGS | loss_tags) - tags
+    expected = (EVALUATION_TAGS if has_q_values else EVALUATION_TAGS - {"diagnostics/q_initial"}) | loss_tags
+    assert expected <= tags, expected - tags
     return folder, summary
 
 
@@ -248,3 +249,12 @@ def pendulum_dataset(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "Pendulum-v1" / "scripted.npz"
     path.parent.mkdir()
     return write_scripted_dataset(path, "Pendulum-v1", pendulum_controller, random_action_prob=0.2, num_transitions=10_000)
+
+
+@pytest.fixture(scope="session")
+def cartpole_dataset(tmp_path_factory) -> Path:
+    """5000 CartPole transitions of a balancing controller that takes a random action 40% of the time: most
+    episodes fail (terminations), and the data's mean return (about 310) is well below the controller's 500."""
+    path = tmp_path_factory.mktemp("data") / "CartPole-v1" / "scripted.npz"
+    path.parent.mkdir()
+    return write_scripted_dataset(path, "CartPole-v1", cartpole_controller, random_action_prob=0.4, num_transitions=5000)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    assert_clean_failure, cartpole_controller, check_run_folder, load_algorithm, load_npz, run_algorithm, train,
-    write_scripted_dataset,
+    assert_clean_failure, check_run_folder, load_algorithm, load_npz, run_algorithm, train,
 )
 
 from dataset_io import save_dataset
@@ -25,15 +24,6 @@ def cql():
 @pytest.fixture(scope="module")
 def bcq():
     return load_algorithm("bcq_discrete")
-
-
-@pytest.fixture(scope="module")
-def cartpole_dataset(tmp_path_factory):
-    """5000 CartPole transitions of a balancing controller that takes a random action 40% of the time: most
-    episodes fail (terminations), and the data's mean return (about 310) is well below the controller's 500."""
-    path = tmp_path_factory.mktemp("data") / "CartPole-v1" / "scripted.npz"
-    path.parent.mkdir()
-    return write_scripted_dataset(path, "CartPole-v1", cartpole_controller, random_action_prob=0.4, num_transitions=5000)
 
 
 # ------------------------------------------------------------------------------------ mathematics by hand

@@ -1,0 +1,91 @@
+"""bc.py: its losses by hand, end-to-end runs on both action kinds, learning, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_clean_failure, check_run_folder, load_algorithm, run_algorithm, train
+
+
+@pytest.fixture(scope="module")
+def bc():
+    return load_algorithm("bc")
+
+
+# ------------------------------------------------------------------------------------ losses by hand
+def test_cross_entropy_by_hand(bc):
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])  # probabilities [1/4, 3/4] and [1/2, 1/2]
+    actions = torch.tensor([1, 0])
+    expected = (-math.log(0.75) - math.log(0.5)) / 2
+    assert bc.bc_loss(logits, actions, discrete=True, box_loss="mse").item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_mse_of_tanh_by_hand(bc):
+    output = torch.tensor([[0.0, math.atanh(0.5)]])  # tanh gives [0, 0.5]
+    actions = torch.tensor([[0.5, 0.5]])
+    assert bc.bc_loss(output, actions, discrete=False, box_loss="mse").item() == pytest.approx(0.125, abs=1e-6)
+
+
+def test_tanh_gaussian_nll_by_hand(bc):
+    # mean 0, log_std 0 (std 1); the action tanh(0.5) comes from pre-tanh 0.5:
+    # -log pi = -log N(0.5; 0, 1) + log(1 - tanh(0.5)^2).
+    output = torch.tensor([[0.0, 0.0]])
+    actions = torch.tensor([[math.tanh(0.5)]])
+    expected = 0.5 * 0.25 + 0.5 * math.log(2 * math.pi) + math.log(1 - math.tanh(0.5) ** 2)
+    assert bc.bc_loss(output, actions, discrete=False, box_loss="gaussian").item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_deterministic_action(bc):
+    assert bc.deterministic_action(torch.tensor([[0.1, 2.0, -1.0]]), discrete=True, gaussian=False).tolist() == [1]
+    output = torch.tensor([[0.5, -3.0]])  # gaussian: [mean, log_std]; the action is tanh(mean)
+    assert bc.deterministic_action(output, False, True).item() == pytest.approx(math.tanh(0.5), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize(("dataset", "env_id", "extra"), [
+    ("cartpole_dataset", "CartPole-v1", []),
+    ("pendulum_dataset", "Pendulum-v1", ["--box-loss", "mse"]),
+])
+def test_run_writes_events_model_summary_and_video(dataset, env_id, extra, request, tmp_path, bc):
+    train("bc", request.getfixturevalue(dataset), ["--total-steps", 200, "--eval-freq", 100, "--eval-episodes", 2,
+                                                   "--capture-video", "--seed", 3, *extra], tmp_path)
+    folder, _ = check_run_folder(tmp_path, "bc", env_id, 3, [100, 200], 2, {"losses/bc_loss"}, has_q_values=False)
+    policy = bc.Policy(4, 2, 256, 2) if env_id == "CartPole-v1" else bc.Policy(3, 1, 256, 2)
+    policy.load_state_dict(torch.load(folder / "bc.pt", weights_only=True))
+
+
+def test_learns_cartpole_from_a_noisy_controller(cartpole_dataset, tmp_path):
+    # The controller's action is the majority at each state (60% + half of the 40% random), so imitation
+    # recovers the controller (500), well above the data's episodes (about 310).
+    summary = train("bc", cartpole_dataset, ["--total-steps", 2000, "--eval-freq", 2000, "--eval-episodes", 5,
+                                             "--no-save-model"], tmp_path)
+    assert summary["final_mean_return"] >= 450, summary["final_returns"]
+
+
+def test_gaussian_learns_pendulum_swing_up(pendulum_dataset, tmp_path):
+    # The data's episodes average about -470; the controller gets about -130.
+    summary = train("bc", pendulum_dataset, ["--total-steps", 2000, "--eval-freq", 2000, "--eval-episodes", 5,
+                                             "--box-loss", "gaussian", "--no-save-model"], tmp_path)
+    assert summary["final_mean_return"] >= -300, summary["final_returns"]
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_missing_dataset_prints_the_command_that_makes_it(tmp_path):
+    result = run_algorithm("bc", ["--dataset", "datasets/Hopper-v5/noisy.npz"], cwd=tmp_path)
+    assert_clean_failure(result, "does not exist",
+                         "python data_collection/collect_dataset.py --env-id Hopper-v5 --policy noisy")
+
+
+def test_env_not_matching_dataset_prints_both(cartpole_dataset, pendulum_dataset, tmp_path):
+    result = run_algorithm("bc", ["--dataset", cartpole_dataset, "--env-id", "Acrobot-v1"], cwd=tmp_path)
+    assert_clean_failure(result, "do not match", "obs_dim 4 and 2 actions", "(6,) and 3 actions")
+    result = run_algorithm("bc", ["--dataset", pendulum_dataset, "--env-id", "CartPole-v1"], cwd=tmp_path)
+    assert_clean_failure(result, "continuous actions of shape (1,)", "Discrete(2)")
+
+
+def test_diverging_loss_stops_with_the_step(pendulum_dataset, tmp_path):
+    result = run_algorithm("bc", ["--dataset", pendulum_dataset, "--box-loss", "gaussian", "--learning-rate", 1e10,
+                                  "--total-steps", 1000, "--eval-freq", 1000], cwd=tmp_path)
+    assert_clean_failure(result, "at gradient step", "last finite losses")
