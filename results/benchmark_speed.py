@@ -1,6 +1,6 @@
 """Speed of our four algorithms against d3rlpy 2.8.1's, side by side in one run, and against this CPU's limit.
 
-    .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (about 25 minutes on 2 cores)
+    .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (21 minutes on 2 cores here)
 
 For each case (an algorithm at its script's defaults, and CQL-SAC also at the paper's sizes) it times our
 script, run from the command line as a user runs it (`updates_per_second` of its summary.json, which leaves
@@ -24,13 +24,13 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Optional
 
 import numpy as np
@@ -172,10 +172,6 @@ def collector_transitions_per_second(env_id: str, num_envs: int, transitions: in
         with np.load(output) as file:
             metadata = json.loads(str(file["metadata"]))
     return metadata["num_transitions"] / metadata["collection_seconds"]
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def cpu_name() -> str:

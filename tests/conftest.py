@@ -224,8 +224,8 @@ def train(name: str, dataset: Path, args: list, cwd: Path) -> dict:
 def check_run_folder(cwd: Path, name: str, env_id: str, seed: int, eval_steps: list[int], episodes: int,
                      loss_tags: set[str], has_q_values: bool = True) -> tuple[Path, dict]:
     """What every algorithm promises after a run with --capture-video: the run folder's name, TensorBoard events
-    with the shared tags (q_initial only where the script has Q-values) and the script's losses, a video, summary.json with its keys and one entry per
-    evaluation. Returns the folder and the summary."""
+    with the shared tags (q_initial only where the script has Q-values) and the script's losses, a video,
+    summary.json with its keys and one entry per evaluation. Returns the folder and the summary."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     folder = run_folder(cwd)
