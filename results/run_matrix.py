@@ -1,0 +1,288 @@
+"""Run the benchmark matrix of results/README.md: every algorithm on every dataset, 3 seeds, resumable.
+
+    .venv/bin/python results/run_matrix.py --list                 # the runs, and which are done
+    .venv/bin/python results/run_matrix.py --jobs 2               # run what is not done, 2 at a time
+    .venv/bin/python results/run_matrix.py --only LunarLander-v3 --stop-within 150
+    .venv/bin/python results/make_report.py                       # tables and plots from what is done
+
+Each run is the algorithm script started from the repository root as a user starts it, with --threads 1 so
+that two runs share this 2-core machine without slowing each other. A finished run leaves, in
+results/matrix/<env>__<dataset>__<label>__<seed>/ (committed):
+  summary.json  the script's own summary (final returns, evaluations with q_initial, wall time, ...)
+  run.json      git commit, command line, wall time, start and end, machine
+  scalars.csv   the TensorBoard scalars (losses, diagnostics, SPS), at most --max-points points per tag
+The full run folder (TensorBoard events, model) moves to results/matrix/runs/ and the script's output to
+results/matrix/logs/ (both git-ignored). A run counts as done when its run.json exists, so a run killed
+half-way (a session ending) starts again from the beginning next time, and finished runs are skipped.
+
+The datasets must exist (datasets/<env>/<dataset>.npz); the commands that build them are printed when one
+is missing, and listed in results/README.md.
+"""
+
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Optional
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+MATRIX_DIR = ROOT / "results" / "matrix"
+
+# How each dataset is built (run from the repository root with the sb3 agents reachable, e.g.
+# HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-cache).
+COLLECT = "python data_collection/collect_dataset.py"
+DATASET_COMMANDS = {
+    ("LunarLander-v3", "random"): f"{COLLECT} --env-id LunarLander-v3 --policy random",
+    ("LunarLander-v3", "medium"): f"{COLLECT} --env-id LunarLander-v3 --policy expert --algo dqn "
+                                  "--output datasets/LunarLander-v3/medium.npz",
+    ("LunarLander-v3", "noisy"): f"{COLLECT} --env-id LunarLander-v3 --policy noisy",
+    ("LunarLander-v3", "expert"): f"{COLLECT} --env-id LunarLander-v3 --policy expert",
+    ("Hopper-v5", "medium"): f"{COLLECT} --env-id Hopper-v5 --policy expert --algo sac "
+                             "--output datasets/Hopper-v5/medium.npz",
+    ("Hopper-v5", "expert"): f"{COLLECT} --env-id Hopper-v5 --policy expert",
+    ("Hopper-v5", "medium-expert"): "python data_collection/mix_datasets.py datasets/Hopper-v5/medium.npz "
+                                    "datasets/Hopper-v5/expert.npz --output datasets/Hopper-v5/medium-expert.npz",
+    ("BipedalWalker-v3", "noisy"): f"{COLLECT} --env-id BipedalWalker-v3 --policy noisy",
+    ("BipedalWalker-v3", "expert"): f"{COLLECT} --env-id BipedalWalker-v3 --policy expert",
+}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    label: str
+    """name in the tables and the result folder"""
+    script: str
+    flags: tuple[str, ...] = ()
+    """flags beyond the defaults; a naive learner is its conservative script with the penalty switched off"""
+    minutes: float = 5.0
+    """expected wall time of one run at 1 thread, used by --stop-within until a run of it has finished"""
+
+
+CQL_DQN = Algorithm("CQL", "algorithms/cql_discrete_lunarlander.py", minutes=4)
+DQN = Algorithm("DQN", "algorithms/cql_discrete_lunarlander.py", ("--cql-alpha", "0", "--exp-name", "dqn"), 3)
+BCQ_DISCRETE = Algorithm("BCQ", "algorithms/bcq_discrete.py", minutes=7)
+BC = Algorithm("BC", "algorithms/bc.py", minutes=2)
+CQL_SAC = Algorithm("CQL", "algorithms/cql_sac_continuous.py", minutes=36)
+SAC = Algorithm("SAC", "algorithms/cql_sac_continuous.py", ("--cql-alpha", "0", "--exp-name", "sac"), 15)
+BCQ = Algorithm("BCQ", "algorithms/bcq_continuous.py", minutes=50)
+
+
+@dataclass(frozen=True)
+class EnvRows:
+    env_id: str
+    datasets: tuple[str, ...]
+    algorithms: tuple[Algorithm, ...]
+    extra_flags: tuple[str, ...] = ()
+    """flags given to every run of this env (where a default is changed for the whole env, say so in the tables)"""
+
+
+MATRIX = (
+    EnvRows("LunarLander-v3", ("random", "medium", "noisy", "expert"), (CQL_DQN, BCQ_DISCRETE, DQN, BC)),
+    EnvRows("Hopper-v5", ("medium", "expert", "medium-expert"), (CQL_SAC, BCQ, SAC, BC)),
+    EnvRows("BipedalWalker-v3", ("noisy", "expert"), (BCQ, CQL_SAC, BC)),
+)
+SEEDS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Run:
+    env: EnvRows
+    dataset: str
+    algorithm: Algorithm
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.env.env_id}__{self.dataset}__{self.algorithm.label}__{self.seed}"
+
+    @property
+    def dataset_path(self) -> str:
+        return f"datasets/{self.env.env_id}/{self.dataset}.npz"
+
+    @property
+    def command(self) -> list[str]:
+        return ["python", self.algorithm.script, "--dataset", self.dataset_path, "--seed", str(self.seed),
+                "--threads", "1", *self.algorithm.flags, *self.env.extra_flags]
+
+    @property
+    def record_dir(self) -> Path:
+        return MATRIX_DIR / self.key
+
+    @property
+    def done(self) -> bool:
+        return (self.record_dir / "run.json").exists()
+
+
+@dataclass
+class Args:
+    jobs: int = 2
+    """runs at a time (each at 1 torch thread); 2 on a 2-core machine"""
+    only: list[str] = field(default_factory=list)
+    """run only the runs whose key (<env>__<dataset>__<label>__<seed>) contains one of these strings"""
+    stop_within: Optional[float] = None
+    """minutes from now: start no run that is not expected to end by then (a session's end kills runs)"""
+    list: bool = False
+    """print the runs, done or not, with their commands, and exit"""
+    allow_dirty: bool = False
+    """run even when algorithms/ has uncommitted changes (the commit recorded would not be the code that ran)"""
+    max_points: int = 200
+    """most points kept per TensorBoard tag in scalars.csv (evenly spaced)"""
+
+
+def all_runs() -> list[Run]:
+    """In the order they run: env by env, seed by seed, so that a partial matrix has whole seeds."""
+    return [Run(env, dataset, algorithm, seed) for env in MATRIX for seed in SEEDS
+            for dataset in env.datasets for algorithm in env.algorithms]
+
+
+def git_state() -> tuple[str, bool]:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "algorithms"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout
+    return commit.strip(), bool(dirty.strip())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def expected_minutes(run: Run, finished: list[Run]) -> float:
+    """Median wall time of finished runs of the same algorithm and env, else the algorithm's estimate."""
+    times = [json.loads((other.record_dir / "run.json").read_text())["wall_time_s"] / 60 for other in finished
+             if other.env is run.env and other.algorithm is run.algorithm]
+    return median(times) if times else run.algorithm.minutes
+
+
+def export_scalars(run_dir: Path, output: Path, max_points: int) -> None:
+    """Write every TensorBoard scalar tag of the run to a CSV (tag, step, value), thinned to max_points per tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    with output.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["tag", "step", "value"])
+        for tag in sorted(accumulator.Tags()["scalars"]):
+            events = accumulator.Scalars(tag)
+            stride = max(1, -(-len(events) // max_points))
+            kept = events[::stride]
+            if kept[-1] is not events[-1]:
+                kept.append(events[-1])
+            writer.writerows((tag, event.step, f"{event.value:.6g}") for event in kept)
+
+
+def start(run: Run) -> tuple[subprocess.Popen, float]:
+    log_path = MATRIX_DIR / "logs" / f"{run.key}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, *run.command[1:]]
+    log = log_path.open("w")
+    log.write(f"$ {shlex.join(run.command)}\n")
+    log.flush()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    log.close()
+    return process, time.time()
+
+
+def finish(run: Run, returncode: int, started: float, commit: str, max_points: int) -> str:
+    wall_time = time.time() - started
+    log_path = MATRIX_DIR / "logs" / f"{run.key}.log"
+    output = log_path.read_text()
+    if returncode != 0:
+        return f"FAILED (exit {returncode}) after {wall_time / 60:.1f} min; see {log_path.relative_to(ROOT)}"
+    match = re.search(r"Run folder (\S+)", output)
+    if match is None:
+        return f"FAILED: no 'Run folder' line in {log_path.relative_to(ROOT)}"
+    run_dir = ROOT / match.group(1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Written into a temporary folder and renamed, so that a run.json exists only beside a complete record.
+    partial = run.record_dir.with_name(run.record_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shutil.copy(run_dir / "summary.json", partial / "summary.json")
+    export_scalars(run_dir, partial / "scalars.csv", max_points)
+    kept_dir = MATRIX_DIR / "runs" / run_dir.name
+    kept_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), kept_dir)
+    record = {
+        "key": run.key, "env_id": run.env.env_id, "dataset": run.dataset, "algorithm": run.algorithm.label,
+        "seed": run.seed, "command": shlex.join(run.command), "commit": commit,
+        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": round(wall_time, 1), "run_folder": str(kept_dir.relative_to(ROOT)),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": 1, "python": platform.python_version()},
+    }
+    (partial / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(run.record_dir, ignore_errors=True)
+    partial.rename(run.record_dir)
+    return f"return {summary['final_mean_return']:.1f} ± {summary['final_std_return']:.1f} in {wall_time / 60:.1f} min"
+
+
+def main(args: Args) -> None:
+    runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
+    if args.list:
+        for run in runs:
+            print(f"{'done' if run.done else 'todo'}  {run.key:55s} {shlex.join(run.command)}")
+        print(f"{sum(run.done for run in runs)} of {len(runs)} done")
+        return
+    missing = sorted({(run.env.env_id, run.dataset) for run in runs if not run.done
+                      and not (ROOT / run.dataset_path).exists()})
+    if missing:
+        sys.exit("Missing datasets; build them from the repository root with:\n"
+                 + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing))
+    commit, dirty = git_state()
+    if dirty and not args.allow_dirty:
+        sys.exit("algorithms/ has uncommitted changes, so run.json's commit would not be the code that ran: "
+                 "commit them first (or pass --allow-dirty for a trial).")
+
+    deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
+    todo = [run for run in runs if not run.done]
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs done; {len(todo)} to run, {args.jobs} at a time")
+    running: dict[Run, tuple[subprocess.Popen, float]] = {}
+    try:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                finished = [run for run in all_runs() if run.done]
+                fitting = [run for run in todo if deadline is None
+                           or time.time() + 60 * expected_minutes(run, finished) < deadline]
+                if not fitting:
+                    break
+                run = fitting[0]
+                todo.remove(run)
+                running[run] = start(run)
+                print(f"[{time.strftime('%H:%M')}] start {run.key} (about {expected_minutes(run, finished):.0f} min)",
+                      flush=True)
+            if not running:
+                print(f"{len(todo)} runs left that would not end within --stop-within")
+                break
+            time.sleep(2)
+            for run, (process, started) in list(running.items()):
+                if process.poll() is not None:
+                    del running[run]
+                    outcome = finish(run, process.returncode, started, commit, args.max_points)
+                    print(f"[{time.strftime('%H:%M')}] done  {run.key}: {outcome}", flush=True)
+    except KeyboardInterrupt:
+        for process, _ in running.values():
+            process.terminate()
+        raise
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
