@@ -1,4 +1,5 @@
-"""Print a markdown table describing dataset files: size, episodes, mean return, reference returns, collection time.
+"""Print a markdown table describing dataset files: size, episodes, mean return (also as D4RL's normalised score,
+100 * (R - R_random) / (R_expert - R_random)), reference returns, collection time.
 
     python data_collection/describe_datasets.py datasets/*/*.npz
 """
@@ -25,10 +26,12 @@ def describe(path: Path) -> str:
     mean_return = f"{returns.mean():.1f} ± {returns.std():.1f}" if len(returns) else "n/a"
     reference = metadata["reference_returns"]
     expert = "n/a" if reference["expert"] is None else f"{reference['expert']:.1f}"
+    score = "n/a" if not len(returns) or reference["expert"] is None else \
+        f"{100 * (returns.mean() - reference['random']) / (reference['expert'] - reference['random']):.1f}"
     seconds = metadata.get("collection_seconds")
     cells = [
-        metadata["env_id"], metadata["policy"], f"`{metadata['agent']}`" if metadata["agent"] else "-",
-        f"{metadata['num_transitions']:,}", str(len(returns)), mean_return, f"{reference['random']:.1f}", expert,
+        f"`{path.name}`", metadata["env_id"], metadata["policy"], f"`{metadata['agent']}`" if metadata["agent"] else "-",
+        f"{metadata['num_transitions']:,}", str(len(returns)), mean_return, score, f"{reference['random']:.1f}", expert,
         "-" if seconds is None else f"{seconds:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -39,8 +42,9 @@ def main() -> None:
     if not args.paths:
         raise DatasetError("give one or more dataset files, e.g. datasets/*/*.npz")
     rows = [describe(path) for path in args.paths]
-    print("| env | policy | agent | transitions | episodes | mean return | random ref. | expert ref. | collection (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. | expert ref. "
+          "| collection (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

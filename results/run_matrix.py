@@ -11,7 +11,8 @@ results/matrix/<env>__<dataset>__<label>__<seed>/ (committed):
   summary.json  the script's own summary (final returns, evaluations with q_initial, wall time, ...)
   run.json      git commit, command line, wall time, start and end, machine
   scalars.csv   the TensorBoard scalars (losses, diagnostics, SPS), at most --max-points points per tag
-The full run folder (TensorBoard events, model) moves to results/matrix/runs/ and the script's output to
+and results/matrix/datasets.md describes the datasets (data_collection/describe_datasets.py). The full run
+folder (TensorBoard events, model) moves to results/matrix/runs/ and the script's output to
 results/matrix/logs/ (both git-ignored). A run counts as done when its run.json exists, so a run killed
 half-way (a session ending) starts again from the beginning next time, and finished runs are skipped.
 
@@ -189,6 +190,18 @@ def export_scalars(run_dir: Path, output: Path, max_points: int) -> None:
             writer.writerows((tag, event.step, f"{event.value:.6g}") for event in kept)
 
 
+def describe_datasets(runs: list[Run]) -> None:
+    """Keep results/matrix/datasets.md: the table of data_collection/describe_datasets.py for the matrix's datasets."""
+    paths = list(dict.fromkeys(run.dataset_path for run in runs if (ROOT / run.dataset_path).exists()))
+    if not paths:
+        return
+    table = subprocess.run([sys.executable, "data_collection/describe_datasets.py", *paths], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    MATRIX_DIR.mkdir(parents=True, exist_ok=True)
+    (MATRIX_DIR / "datasets.md").write_text(f"<!-- made by results/run_matrix.py: python data_collection/"
+                                            f"describe_datasets.py {' '.join(paths)} -->\n{table}")
+
+
 def start(run: Run) -> tuple[subprocess.Popen, float]:
     log_path = MATRIX_DIR / "logs" / f"{run.key}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +250,7 @@ def finish(run: Run, returncode: int, started: float, commit: str, max_points: i
 
 def main(args: Args) -> None:
     runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
+    describe_datasets(all_runs())
     if args.list:
         for run in runs:
             print(f"{'done' if run.done else 'todo'}  {run.key:55s} {shlex.join(run.command)}")

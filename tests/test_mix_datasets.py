@@ -70,5 +70,5 @@ def test_describe_lists_each_dataset(hub_cache, datasets):
     assert result.returncode == 0, result.stderr
     rows = result.stdout.strip().splitlines()
     assert len(rows) == 4  # header, separator, one row per file
-    assert rows[2].startswith("| CartPole-v1 | expert | `sb3/ppo-CartPole-v1` | 300 |")
-    assert rows[3].startswith("| Pendulum-v1 | random | - | 100 |")
+    assert rows[2].startswith("| `expert.npz` | CartPole-v1 | expert | `sb3/ppo-CartPole-v1` | 300 |")
+    assert rows[3].startswith("| `pendulum.npz` | Pendulum-v1 | random | - | 100 |")

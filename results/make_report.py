@@ -1,0 +1,231 @@
+"""Tables and plots of results/README.md from the finished runs of results/run_matrix.py.
+
+    .venv/bin/python results/make_report.py
+
+Reads results/matrix/*/summary.json and run.json (committed, so no dataset or run folder is needed) and
+  - rewrites the part of results/README.md between the report markers: score tables (mean ± std over seeds
+    of the final evaluation's mean return, and of D4RL's normalised score), the datasets, wall times, commits;
+  - draws results/figures/learning_curves_<env>.png: normalised score over gradient steps, mean over seeds
+    with a band of one standard deviation, the dataset's own normalised return as a dashed line;
+  - draws results/figures/overestimation_<env>.png: the critic's estimate of the return from the evaluation
+    episodes' initial states (diagnostics/q_initial) against the discounted return those episodes really got
+    (diagnostics/discounted_return_initial), for the naive learner, CQL and BCQ on the same data.
+The text around the markers (the reading of the numbers) is written by hand.
+"""
+
+import json
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import matplotlib.lines
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_matrix import MATRIX, MATRIX_DIR, ROOT, SEEDS  # noqa: E402
+
+BEGIN, END = "<!-- report:begin (made by results/make_report.py) -->", "<!-- report:end -->"
+NAIVE = {"DQN", "SAC"}
+COLOURS = {"CQL": "tab:blue", "BCQ": "tab:green", "DQN": "tab:red", "SAC": "tab:red", "BC": "tab:gray"}
+
+
+@dataclass
+class Args:
+    matrix: Path = MATRIX_DIR
+    """folder of finished runs (one folder each, with run.json and summary.json) and datasets.md"""
+    readme: Path = ROOT / "results" / "README.md"
+    """the README whose marked part is rewritten"""
+    figures: Path = ROOT / "results" / "figures"
+    """folder of the PNG plots"""
+
+
+def load_runs(matrix: Path) -> dict[tuple[str, str, str], list[dict]]:
+    """(env, dataset, algorithm) -> one dict per finished seed, holding its run.json and its summary.json."""
+    runs = defaultdict(list)
+    for record_path in sorted(matrix.glob("*/run.json")):
+        record = json.loads(record_path.read_text())
+        record["summary"] = json.loads((record_path.parent / "summary.json").read_text())
+        runs[record["env_id"], record["dataset"], record["algorithm"]].append(record)
+    return runs
+
+
+def dataset_scores(matrix: Path) -> dict[tuple[str, str], float]:
+    """(env, dataset stem) -> the dataset's normalised mean return, read from results/matrix/datasets.md."""
+    path = matrix / "datasets.md"
+    if not path.exists():
+        return {}
+    rows = [line.strip("|").split("|") for line in path.read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in rows[0]]
+    scores = {}
+    for row in rows[2:]:
+        cells = dict(zip(header, (cell.strip() for cell in row)))
+        if cells["normalised"] != "n/a":
+            scores[cells["env"], cells["file"].strip("`").removesuffix(".npz")] = float(cells["normalised"])
+    return scores
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "–"
+
+
+def score_table(runs, env, key: str) -> list[str]:
+    labels = [algorithm.label for algorithm in env.algorithms]
+    lines = [f"| dataset | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
+    for dataset in env.datasets:
+        values = {label: [run["summary"][key] for run in runs.get((env.env_id, dataset, label), [])]
+                  for label in labels}
+        best = max((np.mean(v) for v in values.values() if v), default=None)
+        cells = []
+        for label in labels:
+            text = mean_std(values[label])
+            if values[label] and len(values[label]) < len(SEEDS):
+                text += f" ({len(values[label])} of {len(SEEDS)} seeds)"
+            cells.append(f"**{text}**" if values[label] and np.mean(values[label]) == best else text)
+        lines.append(f"| {dataset} | {' | '.join(cells)} |")
+    return lines
+
+
+def cost_table(runs, env) -> list[str]:
+    lines = ["| algorithm | command (per dataset and seed) | gradient steps | wall time per run (min) | updates/s |",
+             "|---|---|---|---|---|"]
+    for algorithm in env.algorithms:
+        done = [run for dataset in env.datasets for run in runs.get((env.env_id, dataset, algorithm.label), [])]
+        if not done:
+            continue
+        command = re.sub(r"datasets/\S+/\S+\.npz", f"datasets/{env.env_id}/<dataset>.npz", done[0]["command"])
+        command = re.sub(r"--seed \d+", "--seed <seed>", command)
+        minutes = [run["wall_time_s"] / 60 for run in done]
+        speed = [run["summary"]["updates_per_second"] for run in done]
+        lines.append(f"| {algorithm.label} | `{command}` | {done[0]['summary']['total_steps']:,} | "
+                     f"{np.median(minutes):.1f} (from {min(minutes):.1f} to {max(minutes):.1f}) | {np.median(speed):.0f} |")
+    return lines
+
+
+def seed_curves(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and a [seeds, steps] array of an evaluation field, over the steps every seed evaluated."""
+    steps = sorted(set.intersection(*({e["step"] for e in r["summary"]["evaluations"]} for r in records)))
+    values = [[next(e[key] for e in r["summary"]["evaluations"] if e["step"] == step) for step in steps]
+              for r in records]
+    return np.array(steps), np.array(values, dtype=float)
+
+
+def save_with_legend(figure, axes, path: Path, extra: tuple = ()) -> None:
+    """One legend under all the panels, with each label once (a panel may lack an algorithm)."""
+    entries = {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    for handle in extra:
+        entries.setdefault(handle.get_label(), handle)
+    columns = max(1, min(len(entries), int(figure.get_figwidth() / 1.5)))
+    rows = -(-len(entries) // columns)
+    figure.legend(entries.values(), entries.keys(), loc="lower center", ncol=columns, fontsize=8)
+    figure.tight_layout(rect=(0, 0.07 * rows, 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_learning_curves(runs, env, behaviour: dict, path: Path) -> None:
+    figure, axes = plt.subplots(1, len(env.datasets), figsize=(4.2 * len(env.datasets), 3.4), squeeze=False)
+    for axis, dataset in zip(axes[0], env.datasets):
+        for algorithm in env.algorithms:
+            records = runs.get((env.env_id, dataset, algorithm.label))
+            if not records:
+                continue
+            steps, scores = seed_curves(records, "normalized_score")
+            mean, std = scores.mean(axis=0), scores.std(axis=0)
+            colour = COLOURS[algorithm.label]
+            axis.plot(steps, mean, color=colour, label=algorithm.label)
+            axis.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.2)
+        if (env.env_id, dataset) in behaviour:
+            axis.axhline(behaviour[env.env_id, dataset], color="black", linestyle="--", linewidth=1, label="dataset")
+        axis.set_title(f"{env.env_id}, {dataset}")
+        axis.set_xlabel("gradient steps")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("normalised score")
+    save_with_legend(figure, axes[0], path)
+
+
+def plot_overestimation(runs, env, path: Path) -> bool:
+    """q_initial (solid) against the real discounted return (dashed) for every algorithm with a critic."""
+    labels = [algorithm.label for algorithm in env.algorithms if algorithm.label != "BC"]
+    datasets = [d for d in env.datasets if any(runs.get((env.env_id, d, label)) for label in labels)]
+    if not datasets:
+        return False
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        largest = 0.0
+        for label in labels:
+            records = runs.get((env.env_id, dataset, label))
+            if not records:
+                continue
+            steps, estimate = seed_curves(records, "q_initial")
+            _, real = seed_curves(records, "discounted_return_initial")
+            colour = COLOURS[label]
+            axis.plot(steps, estimate.mean(axis=0), color=colour, label=label)
+            axis.plot(steps, real.mean(axis=0), color=colour, linestyle="--")
+            largest = max(largest, np.abs(estimate).max(), np.abs(real).max())
+        if largest > 2000:  # a diverging naive critic: keep the small values readable
+            axis.set_yscale("symlog", linthresh=100)
+        axis.set_title(f"{env.env_id}, {dataset}")
+        axis.set_xlabel("gradient steps")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("discounted return from the initial states")
+    styles = (matplotlib.lines.Line2D([], [], color="black", label="Q estimate (q_initial)"),
+              matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="real (discounted_return_initial)"))
+    save_with_legend(figure, axes[0], path, styles)
+    return True
+
+
+def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
+    behaviour = dataset_scores(matrix)
+    lines = []
+    for env in MATRIX:
+        if not any(key[0] == env.env_id for key in runs):
+            lines += [f"### {env.env_id}", "", "No finished runs yet.", ""]
+            continue
+        curves = figures / f"learning_curves_{env.env_id}.png"
+        plot_learning_curves(runs, env, behaviour, curves)
+        lines += [f"### {env.env_id}", "", "Final return (mean ± std over seeds of each run's final 10-episode mean; "
+                  "best in bold):", "", *score_table(runs, env, "final_mean_return"), "",
+                  "Normalised score:", "", *score_table(runs, env, "final_normalized_score"), "",
+                  f"![learning curves]({curves.relative_to(readme_dir)})", ""]
+        overestimation = figures / f"overestimation_{env.env_id}.png"
+        if plot_overestimation(runs, env, overestimation):
+            lines += [f"![overestimation]({overestimation.relative_to(readme_dir)})", ""]
+        lines += ["Cost and commands:", "", *cost_table(runs, env), ""]
+    datasets = matrix / "datasets.md"
+    if datasets.exists():
+        lines += ["### Datasets", "", *datasets.read_text().splitlines()[1:], ""]
+    records = [run for seeds in runs.values() for run in seeds]
+    commits = sorted({run["commit"][:7] for run in records})
+    machines = sorted({f"{run['machine']['cpu']}, {run['machine']['cores']} cores" for run in records})
+    hours = sum(run["wall_time_s"] for run in records) / 3600
+    lines += ["### Runs", "", f"{len(records)} runs finished, {hours:.1f} hours of run time in all (2 at a time), "
+              f"on {'; '.join(machines)}, at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}. Each "
+              "run's exact command, commit and wall time are in `results/matrix/<run>/run.json`."]
+    return lines
+
+
+def main(args: Args) -> None:
+    runs = load_runs(args.matrix)
+    args.figures.mkdir(parents=True, exist_ok=True)
+    generated = "\n".join([BEGIN, *report(runs, args.matrix, args.figures, args.readme.parent), END])
+    text = args.readme.read_text() if args.readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{args.readme} has no report markers; put these two lines where the tables go:\n{BEGIN}\n{END}")
+    before, rest = text.split(BEGIN, 1)
+    args.readme.write_text(before + generated + rest.split(END, 1)[1])
+    print(f"wrote {args.readme} and {len(list(args.figures.glob('*.png')))} plots in {args.figures}/ "
+          f"from {sum(len(v) for v in runs.values())} runs")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))

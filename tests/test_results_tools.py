@@ -1,0 +1,88 @@
+"""results/make_report.py and results/run_matrix.py: the tables, plots and per-run CSV made from finished runs."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+REPORT = ROOT / "results" / "make_report.py"
+
+DATASETS_MD = """<!-- made by hand for the test -->
+| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. | expert ref. | collection (s) |
+|---|---|---|---|---|---|---|---|---|---|---|
+| `expert.npz` | LunarLander-v3 | expert | `sb3/ppo-LunarLander-v2` | 200,000 | 499 | 244.2 ± 28.3 | 97.8 | -207.5 | 254.3 | 28 |
+"""
+
+
+def write_run(matrix, algorithm, seed, final_return, q_initial, wall_time_s):
+    folder = matrix / f"LunarLander-v3__expert__{algorithm}__{seed}"
+    folder.mkdir(parents=True)
+    evaluations = [{"step": step, "mean_return": final_return, "normalized_score": final_return / 2,
+                    "q_initial": q_initial, "discounted_return_initial": 40.0} for step in (5000, 10000)]
+    summary = {"final_mean_return": final_return, "final_normalized_score": final_return / 2, "total_steps": 10000,
+               "updates_per_second": 100.0, "evaluations": evaluations}
+    record = {"env_id": "LunarLander-v3", "dataset": "expert", "algorithm": algorithm, "seed": seed,
+              "command": f"python algorithms/x.py --dataset datasets/LunarLander-v3/expert.npz --seed {seed} --threads 1",
+              "commit": "0123456789abcdef", "wall_time_s": wall_time_s, "machine": {"cpu": "Test CPU", "cores": 2}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "run.json").write_text(json.dumps(record))
+
+
+def test_report_tables_and_plots(tmp_path):
+    matrix, readme = tmp_path / "matrix", tmp_path / "README.md"
+    write_run(matrix, "CQL", 1, 100.0, 30.0, 60)
+    write_run(matrix, "CQL", 2, 200.0, 35.0, 180)
+    write_run(matrix, "DQN", 1, -50.0, 90.0, 120)
+    (matrix / "datasets.md").write_text(DATASETS_MD)
+    readme.write_text("# Mine\n\nhand-written intro\n<!-- report:begin (made by results/make_report.py) -->\nold\n"
+                      "<!-- report:end -->\nhand-written reading\n")
+    result = subprocess.run([sys.executable, REPORT, "--matrix", matrix, "--readme", readme, "--figures", tmp_path / "figs"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = readme.read_text()
+    assert text.startswith("# Mine\n\nhand-written intro\n") and text.endswith("<!-- report:end -->\nhand-written reading\n")
+    assert "\nold\n" not in text
+    # mean ± population std over seeds; the best mean in bold; missing seeds and algorithms said so
+    assert "| expert | **150.0 ± 50.0 (2 of 3 seeds)** | – | -50.0 ± 0.0 (1 of 3 seeds) | – |" in text
+    assert "| expert | **75.0 ± 25.0 (2 of 3 seeds)** | – | -25.0 ± 0.0 (1 of 3 seeds) | – |" in text
+    # median wall time 2.0 min from 1.0 to 3.0; the command with the dataset and seed as placeholders
+    assert "| CQL | `python algorithms/x.py --dataset datasets/LunarLander-v3/<dataset>.npz --seed <seed> --threads 1` " \
+           "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text
+    assert "| `expert.npz` | LunarLander-v3 | expert |" in text
+    assert "3 runs finished, 0.1 hours" in text and "Test CPU, 2 cores" in text and "0123456" in text
+    for name in ("learning_curves_LunarLander-v3.png", "overestimation_LunarLander-v3.png"):
+        assert (tmp_path / "figs" / name).stat().st_size > 10_000
+        assert f"(figs/{name})" in text
+
+
+def test_report_refuses_a_readme_without_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results by hand\n")
+    result = subprocess.run([sys.executable, REPORT, "--matrix", tmp_path / "none", "--readme", readme,
+                             "--figures", tmp_path / "figs"], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "report markers" in result.stderr
+    assert readme.read_text() == "# Results by hand\n"
+
+
+def test_scalars_csv_keeps_at_most_max_points_per_tag_and_the_last_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "results" / "run_matrix.py")
+    run_matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_matrix)
+    writer = SummaryWriter(tmp_path / "run")
+    for step in range(1, 1000):
+        writer.add_scalar("losses/td_loss", 1.0 / step, step)
+    for step in (5000, 10000):
+        writer.add_scalar("eval/episodic_return", step / 100, step)
+    writer.close()
+    run_matrix.export_scalars(tmp_path / "run", tmp_path / "scalars.csv", max_points=100)
+    with (tmp_path / "scalars.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    loss = [row for row in rows if row["tag"] == "losses/td_loss"]
+    assert 90 <= len(loss) <= 101 and loss[0]["step"] == "1" and loss[-1]["step"] == "999"
+    assert abs(float(loss[1]["value"]) - 1.0 / int(loss[1]["step"])) < 1e-6  # 6 significant digits
+    assert [(row["step"], row["value"]) for row in rows if row["tag"] == "eval/episodic_return"] == [("5000", "50"), ("10000", "100")]
