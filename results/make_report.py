@@ -72,7 +72,10 @@ def dataset_scores(matrix: Path) -> dict[tuple[str, str], float]:
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "–"
+    """Mean ± std over seeds; one seed has no spread to show."""
+    if len(values) < 2:
+        return f"{values[0]:.1f}" if values else "–"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
 def score_table(runs, env, key: str) -> list[str]:
@@ -104,7 +107,7 @@ def cost_table(runs, env) -> list[str]:
         minutes = [run["wall_time_s"] / 60 for run in done]
         speed = [run["summary"]["updates_per_second"] for run in done]
         lines.append(f"| {algorithm.label} | `{command}` | {done[0]['summary']['total_steps']:,} | "
-                     f"{np.median(minutes):.1f} (from {min(minutes):.1f} to {max(minutes):.1f}) | {np.median(speed):.0f} |")
+                     f"{np.median(minutes):.1f} (from {min(minutes):.1f} to {max(minutes):.1f}) | {np.median(speed):.3g} |")
     return lines
 
 
@@ -177,7 +180,7 @@ def plot_overestimation(runs, env, path: Path) -> bool:
         axis.set_title(f"{env.env_id}, {dataset}")
         axis.set_xlabel("gradient steps")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("discounted return from the initial states")
+    axes[0][0].set_ylabel("discounted return\nfrom the first states")
     styles = (matplotlib.lines.Line2D([], [], color="black", label="Q estimate (q_initial)"),
               matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="real (discounted_return_initial)"))
     save_with_legend(figure, axes[0], path, styles)
