@@ -38,6 +38,9 @@ from typing import Optional
 
 import tyro
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_speed import cpu_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX_DIR = ROOT / "results" / "matrix"
 
@@ -153,16 +156,6 @@ def git_state() -> tuple[str, bool]:
     dirty = subprocess.run(["git", "status", "--porcelain", "algorithms"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout
     return commit.strip(), bool(dirty.strip())
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def expected_minutes(run: Run, finished: list[Run]) -> float:
