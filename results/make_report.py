@@ -22,6 +22,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.lines
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -119,6 +120,12 @@ def seed_curves(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(steps), np.array(values, dtype=float)
 
 
+def label_steps(axis) -> None:
+    """Gradient steps as 10k, 20k: full numbers collide under a 4-inch panel."""
+    axis.set_xlabel("gradient steps")
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k" if step else "0"))
+
+
 def save_with_legend(figure, axes, path: Path, extra: tuple = ()) -> None:
     """One legend under all the panels, with each label once (a panel may lack an algorithm)."""
     entries = {}
@@ -150,7 +157,7 @@ def plot_learning_curves(runs, env, behaviour: dict, path: Path) -> None:
         if (env.env_id, dataset) in behaviour:
             axis.axhline(behaviour[env.env_id, dataset], color="black", linestyle="--", linewidth=1, label="dataset")
         axis.set_title(f"{env.env_id}, {dataset}")
-        axis.set_xlabel("gradient steps")
+        label_steps(axis)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("normalised score")
     save_with_legend(figure, axes[0], path)
@@ -178,7 +185,7 @@ def plot_overestimation(runs, env, path: Path) -> bool:
         if largest > 2000:  # a diverging naive critic: keep the small values readable
             axis.set_yscale("symlog", linthresh=100)
         axis.set_title(f"{env.env_id}, {dataset}")
-        axis.set_xlabel("gradient steps")
+        label_steps(axis)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("discounted return\nfrom the first states")
     styles = (matplotlib.lines.Line2D([], [], color="black", label="Q estimate (q_initial)"),
