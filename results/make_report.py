@@ -107,8 +107,9 @@ def cost_table(runs, env) -> list[str]:
         command = re.sub(r"--seed \d+", "--seed <seed>", command)
         minutes = [run["wall_time_s"] / 60 for run in done]
         speed = [run["summary"]["updates_per_second"] for run in done]
+        spread = f" (from {min(minutes):.1f} to {max(minutes):.1f})" if len(minutes) > 1 else " (1 run)"
         lines.append(f"| {algorithm.label} | `{command}` | {done[0]['summary']['total_steps']:,} | "
-                     f"{np.median(minutes):.1f} (from {min(minutes):.1f} to {max(minutes):.1f}) | {np.median(speed):.3g} |")
+                     f"{np.median(minutes):.1f}{spread} | {np.median(speed):.3g} |")
     return lines
 
 

@@ -51,6 +51,7 @@ def test_report_tables_and_plots(tmp_path):
     # median wall time 2.0 min from 1.0 to 3.0; the command with the dataset and seed as placeholders
     assert "| CQL | `python algorithms/x.py --dataset datasets/LunarLander-v3/<dataset>.npz --seed <seed> --threads 1` " \
            "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text
+    assert "| 10,000 | 2.0 (1 run) | 100 |" in text  # DQN's single run has no range
     assert "| `expert.npz` | LunarLander-v3 | expert |" in text
     assert "3 runs finished, 0.1 hours" in text and "Test CPU, 2 cores" in text and "0123456" in text
     for name in ("learning_curves_LunarLander-v3.png", "overestimation_LunarLander-v3.png"):
