@@ -43,6 +43,7 @@ from benchmark_speed import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX_DIR = ROOT / "results" / "matrix"
+DESCRIBE_DATASETS = ROOT / "data_collection" / "describe_datasets.py"
 
 # How each dataset is built (run from the repository root with the sb3 agents reachable, e.g.
 # HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-cache).
@@ -184,15 +185,20 @@ def export_scalars(run_dir: Path, output: Path, max_points: int) -> None:
 
 
 def describe_datasets(runs: list[Run]) -> None:
-    """Keep results/matrix/datasets.md: the table of data_collection/describe_datasets.py for the matrix's datasets."""
-    paths = list(dict.fromkeys(run.dataset_path for run in runs if (ROOT / run.dataset_path).exists()))
-    if not paths:
+    """Keep results/matrix/datasets.md: the table of data_collection/describe_datasets.py for the matrix's datasets.
+
+    A checkout that holds only some of the datasets (built again to finish the last runs) leaves an existing table
+    as it is: rewriting it would drop the rows of the datasets that the committed runs used."""
+    wanted = list(dict.fromkeys(run.dataset_path for run in runs))
+    paths = [path for path in wanted if (ROOT / path).exists()]
+    output = MATRIX_DIR / "datasets.md"
+    if not paths or (len(paths) < len(wanted) and output.exists()):
         return
-    table = subprocess.run([sys.executable, "data_collection/describe_datasets.py", *paths], cwd=ROOT,
+    table = subprocess.run([sys.executable, DESCRIBE_DATASETS, *paths], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout
     MATRIX_DIR.mkdir(parents=True, exist_ok=True)
-    (MATRIX_DIR / "datasets.md").write_text(f"<!-- made by results/run_matrix.py: python data_collection/"
-                                            f"describe_datasets.py {' '.join(paths)} -->\n{table}")
+    output.write_text(f"<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py "
+                      f"{' '.join(paths)} -->\n{table}")
 
 
 def start(run: Run) -> tuple[subprocess.Popen, float]:

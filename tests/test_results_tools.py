@@ -87,3 +87,29 @@ def test_scalars_csv_keeps_at_most_max_points_per_tag_and_the_last_step(tmp_path
     assert 90 <= len(loss) <= 101 and loss[0]["step"] == "1" and loss[-1]["step"] == "999"
     assert abs(float(loss[1]["value"]) - 1.0 / int(loss[1]["step"])) < 1e-6  # 6 significant digits
     assert [(row["step"], row["value"]) for row in rows if row["tag"] == "eval/episodic_return"] == [("5000", "50"), ("10000", "100")]
+
+
+def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import cartpole_controller, write_scripted_dataset
+
+    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "results" / "run_matrix.py")
+    run_matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_matrix)
+    monkeypatch.setattr(run_matrix, "ROOT", tmp_path)
+    monkeypatch.setattr(run_matrix, "MATRIX_DIR", tmp_path / "matrix")
+    (tmp_path / "matrix").mkdir()
+    table = tmp_path / "matrix" / "datasets.md"
+    table.write_text(DATASETS_MD)
+    (tmp_path / "datasets").mkdir()
+    write_scripted_dataset(tmp_path / "datasets" / "a.npz", "CartPole-v1", cartpole_controller, 0.0, 300)
+    runs = [SimpleNamespace(dataset_path="datasets/a.npz"), SimpleNamespace(dataset_path="datasets/b.npz")]
+
+    run_matrix.describe_datasets(runs)  # b.npz not built here: the committed table keeps both rows
+    assert table.read_text() == DATASETS_MD
+
+    run_matrix.describe_datasets(runs[:1])  # every dataset here: the table is made again from the files
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| `")]
+    assert len(rows) == 1 and "`a.npz` | CartPole-v1 | scripted" in rows[0] and "| 300 |" in rows[0]
+    assert table.read_text().startswith("<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py datasets/a.npz -->")
