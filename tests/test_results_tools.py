@@ -17,6 +17,14 @@ DATASETS_MD = """<!-- made by hand for the test -->
 """
 
 
+def load_run_matrix():
+    """results/run_matrix.py as a module (results/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "results" / "run_matrix.py")
+    run_matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_matrix)
+    return run_matrix
+
+
 def write_run(matrix, algorithm, seed, final_return, q_initial, wall_time_s):
     folder = matrix / f"LunarLander-v3__expert__{algorithm}__{seed}"
     folder.mkdir(parents=True)
@@ -71,9 +79,7 @@ def test_report_refuses_a_readme_without_markers(tmp_path):
 def test_scalars_csv_keeps_at_most_max_points_per_tag_and_the_last_step(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "results" / "run_matrix.py")
-    run_matrix = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_matrix)
+    run_matrix = load_run_matrix()
     writer = SummaryWriter(tmp_path / "run")
     for step in range(1, 1000):
         writer.add_scalar("losses/td_loss", 1.0 / step, step)
@@ -94,9 +100,7 @@ def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkey
 
     from conftest import cartpole_controller, write_scripted_dataset
 
-    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "results" / "run_matrix.py")
-    run_matrix = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_matrix)
+    run_matrix = load_run_matrix()
     monkeypatch.setattr(run_matrix, "ROOT", tmp_path)
     monkeypatch.setattr(run_matrix, "MATRIX_DIR", tmp_path / "matrix")
     (tmp_path / "matrix").mkdir()
