@@ -1,42 +1,27 @@
-"""Continuous BCQ, offline (Fujimoto, Meger, Precup, 2019, "Off-Policy Deep Reinforcement Learning without Exploration").
+"""Continuous BCQ, offline: Fujimoto, Meger and Precup, 2019, "Off-Policy Deep Reinforcement Learning without
+Exploration", https://arxiv.org/abs/1812.02900.
 
 Offline actor-critic goes wrong where its actor picks actions the dataset never took: their values are never
-corrected, only over-estimated (the paper's extrapolation error). Batch-Constrained Q-learning acts only with
-actions like the data's. A conditional VAE G(a|s) learns the dataset's actions, a perturbation network xi(s, a)
-moves a sampled action by at most phi, and twin critics value the result (the paper's section 4 and algorithm 1):
+corrected, only over-estimated (the paper's extrapolation error, section 3). Batch-Constrained Q-learning acts
+only with actions like the data's. A conditional VAE G(a|s) learns the dataset's actions, a perturbation network
+xi(s, a) moves a sampled action by at most phi, and twin critics value the result (section 4, algorithm 1):
 
     VAE:     (mu, sigma) = E(s, a),  L = ||D(s, mu + sigma * eps) - a||^2 + 0.5 * KL(N(mu, sigma) || N(0, 1))
-    policy:  pi(s) = the a_j + xi(s, a_j) with the highest Q1,  a_j = D(s, z_j),  z_j ~ N(0, 1) clipped to [-0.5, 0.5]
-    target:  y = r + gamma * (1 - terminal) * max_j [lambda * min(Q1', Q2') + (1 - lambda) * max(Q1', Q2')](s', a'_j)   (eq. 13)
+    policy:  pi(s) = the a_j + xi(s, a_j) with the highest Q1,  a_j = D(s, z_j),  z_j ~ N(0, 1) clipped to +-0.5
+    target:  y = r + gamma * (1 - terminal) * max_j [lmbda * min(Q1', Q2') + (1 - lmbda) * max(Q1', Q2')](s', a'_j)
     critic:  (Q1(s, a) - y)^2 + (Q2(s, a) - y)^2            actor:  maximise Q1(s, a_j + xi(s, a_j))
 
-The target takes 10 sampled actions per next state (perturbed by the target actor, valued by the target
-critics); acting takes 100 and keeps the one with the highest Q1. lambda 1 is TD3's clipped double Q; the mix
-with the max (0.75) penalises uncertainty less. phi 0 is behaviour cloning filtered by Q; a large phi is DDPG.
+The target (eq. 13) takes --target-samples actions per next state, perturbed by the target actor and valued by
+the target critics; acting takes --act-samples and keeps the one with the highest Q1. lmbda 1 is TD3's clipped
+double Q. phi 0 is behaviour cloning filtered by Q; a large phi is DDPG.
 
     python algorithms/bcq_continuous.py --dataset datasets/BipedalWalker-v3/expert.npz
     python algorithms/bcq_continuous.py --dataset datasets/Hopper-v5/noisy.npz --seed 2
 
-The networks work in a normalised action space [-1, 1]^act_dim: dataset actions are mapped there with the
-env's bounds (low, high), chosen actions are mapped back before env.step, so bounds that are not +-1 (Pendulum:
-+-2) need nothing special, and the perturbation is at most phi * (high - low) / 2 in env units (the author's
-phi * max_action). The VAE decoder ends in tanh: its actions cannot leave the bounds.
-
-Defaults follow the author's code (sfujim/BCQ, continuous_BCQ): VAE 750-750 with latent 2 * act_dim and log_std
-clamped to [-4, 15]; actor and critics 400-300; Adam 1e-3; batch 100; gamma 0.99; tau 0.005; lambda 0.75;
-phi 0.05. Departures:
-- 30k gradient steps, evaluated every 5k, instead of the author's 1M. One CPU thread does 16-17 updates/s
-  here alone and 14 with another run on the second core (1000 decodes through the 750-750 decoder for the
-  target and the VAE's update are three quarters of a step), so a default run takes 32-39 minutes, of which
-  2-3 of evaluation (10 BipedalWalker episodes, 100 samples per state: 20-25 s each). On the BipedalWalker-v3
-  expert dataset (its episodes: 299.4) the final evaluations gave 302.9 +- 0.6 (seed 1) and 303.1 +- 0.8
-  (seed 2), and every evaluation from 5k steps on 302-304 (2339 s and 2323 s, 13.6 and 13.8 updates/s).
-- Evaluation episodes run together in a vector env, acting decodes only for the episodes still running, and
-  its latents come from a generator seeded with --seed, so that a saved model's evaluation can be reproduced.
-- The actor's loss back-propagates into the actor only (the author's also fills, then discards, the critics'
-  and VAE's gradients): the same update, 7-10% faster.
-- `--bf16` (off by default) runs the training under torch.autocast(bfloat16). On this AMD EPYC, without bf16
-  instructions, a step takes 7 times longer (measured); it is for GPUs and CPUs with native bf16.
+The networks work in a normalised action box [-1, 1]^act_dim, mapped to the env's bounds (low, high) before
+env.step, so the perturbation is at most phi * (high - low) / 2 in env units (the author's phi * max_action),
+and on observations standardised with the dataset's mean and std. Defaults follow the author's code, sfujim/BCQ,
+except where a field says otherwise; the measurements behind them are in results/ablations.md.
 """
 
 import copy
@@ -45,7 +30,6 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -83,7 +67,7 @@ class Args:
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
     total_steps: int = 30_000
-    """number of gradient steps"""
+    """number of gradient steps (the paper: 1M)"""
     eval_freq: int = 5_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -110,8 +94,11 @@ class Args:
     """actions sampled from the VAE per state when acting"""
     vae_hidden_dim: int = 750
     """width of the VAE encoder's and decoder's two hidden layers"""
-    bf16: bool = False
-    """run the training forwards and backwards under torch.autocast with bfloat16"""
+    layer_norm: bool = False
+    """LayerNorm before each hidden ReLU of the critics (ReBRAC's; Yue et al. 2023: it stops Q divergence)"""
+    normalize_observations: bool = True
+    """standardise observations with the dataset's mean and std, kept in the saved model (not in the paper:
+    on Hopper it is the difference between failing and keeping the expert, results/ablations.md)"""
     log_freq: int = 100
     """gradient steps between loss logs"""
 
@@ -126,8 +113,9 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     """The whole dataset as tensors on the device, so that a batch is one torch.randint and an index."""
     if not Path(path).is_file():
         env_id, policy = Path(path).parent.name or "BipedalWalker-v3", Path(path).stem
+        policy = policy if policy in ("expert", "noisy", "random") else "expert"
         fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
-             f"--env-id {env_id} --policy {policy if policy in ('expert', 'noisy', 'random') else 'expert'} --output {path}")
+             f"--env-id {env_id} --policy {policy} --output {path}")
     with np.load(path, allow_pickle=False) as file:
         arrays = {key: file[key] for key in file.files}
     missing = {"observations", "actions", "rewards", "next_observations", "terminations", "metadata"} - set(arrays)
@@ -150,10 +138,10 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------- networks
-def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:
+def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, layer_norm: bool = False) -> nn.Sequential:
     layers, width = [], in_dim
     for hidden_dim in hidden_dims:
-        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        layers += [nn.Linear(width, hidden_dim), *([nn.LayerNorm(hidden_dim)] if layer_norm else []), nn.ReLU()]
         width = hidden_dim
     return nn.Sequential(*layers, nn.Linear(width, out_dim))
 
@@ -164,21 +152,22 @@ class VAE(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
         self.latent_dim = 2 * act_dim
-        self.encoder = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+        self.encoder = mlp(obs_dim + act_dim, (hidden_dim,), hidden_dim)
         self.mean = nn.Linear(hidden_dim, self.latent_dim)
         self.log_std = nn.Linear(hidden_dim, self.latent_dim)
         self.decoder = mlp(obs_dim + self.latent_dim, (hidden_dim, hidden_dim), act_dim)
 
-    def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Reconstructed actions, latent mean and latent std (the reparameterisation trick)."""
-        hidden = self.encoder(torch.cat([observations, actions], dim=1))
+        hidden = F.relu(self.encoder(torch.cat([observations, actions], dim=1)))
         mean, log_std = self.mean(hidden), self.log_std(hidden).clamp(-4, 15)  # clamped for stability, as the author's
         std = log_std.exp()
         return self.decode(observations, mean + std * torch.randn_like(std)), mean, std
 
     def decode(self, observations: torch.Tensor, latent: Optional[torch.Tensor] = None,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Actions in [-1, 1]; without a latent, z ~ N(0, 1) clipped to [-0.5, 0.5] keeps samples near the data's mode."""
+        """Actions in [-1, 1]; without a latent, z ~ N(0, 1) clipped to [-0.5, 0.5] keeps samples near the data's
+        mode."""
         if latent is None:
             latent = torch.randn(len(observations), self.latent_dim, device=observations.device, generator=generator)
             latent = latent.clamp(-0.5, 0.5)
@@ -200,10 +189,10 @@ class Perturbation(nn.Module):
 class Critic(nn.Module):
     """Twin critics Q1, Q2 (s, a) -> value, each 400-300."""
 
-    def __init__(self, obs_dim: int, act_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, layer_norm: bool = False):
         super().__init__()
-        self.q1_network = mlp(obs_dim + act_dim, (400, 300), 1)
-        self.q2_network = mlp(obs_dim + act_dim, (400, 300), 1)
+        self.q1_network = mlp(obs_dim + act_dim, (400, 300), 1, layer_norm)
+        self.q2_network = mlp(obs_dim + act_dim, (400, 300), 1, layer_norm)
 
     def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = torch.cat([observations, actions], dim=1)
@@ -214,23 +203,29 @@ class Critic(nn.Module):
 
 
 class BCQPolicy(nn.Module):
-    """Everything that acts, in one module so that one state_dict holds it: VAE, actor, critics and the env's
-    action bounds (buffers), which map the networks' [-1, 1] actions to env units."""
+    """Everything that acts, in one module so that one state_dict holds it: VAE, actor, critics, the dataset's
+    observation mean and std and the env's action bounds (buffers). The networks see standardised observations
+    and actions in [-1, 1]; act() takes raw observations."""
 
     def __init__(self, obs_dim: int, act_dim: int, action_low: np.ndarray, action_high: np.ndarray, phi: float,
-                 vae_hidden_dim: int = 750):
+                 vae_hidden_dim: int = 750, layer_norm: bool = False):
         super().__init__()
         self.vae = VAE(obs_dim, act_dim, vae_hidden_dim)
         self.actor = Perturbation(obs_dim, act_dim, phi)
-        self.critic = Critic(obs_dim, act_dim)
+        self.critic = Critic(obs_dim, act_dim, layer_norm)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32))
         self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32))
 
+    def normalize(self, observations: torch.Tensor) -> torch.Tensor:
+        return (observations - self.obs_mean) / self.obs_std
+
     def act(self, observations: torch.Tensor, num_samples: int,
             generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """BCQ's policy: num_samples decoded and perturbed actions per state, the one with the highest Q1.
-        Returns the chosen actions in [-1, 1] and their Q1."""
-        repeated = torch.repeat_interleave(observations, num_samples, dim=0)
+        """BCQ's policy on raw observations: num_samples decoded and perturbed actions per state, the one with the
+        highest Q1. Returns the chosen actions in [-1, 1] and their Q1."""
+        repeated = torch.repeat_interleave(self.normalize(observations), num_samples, dim=0)
         candidates = self.actor(repeated, self.vae.decode(repeated, generator=generator))
         q1 = self.critic.q1(repeated, candidates)
         return best_sampled_action(q1.view(-1, num_samples), candidates.view(len(observations), num_samples, -1))
@@ -265,7 +260,8 @@ def bcq_target(rewards: torch.Tensor, terminations: torch.Tensor, next_q1: torch
 
 
 def best_sampled_action(q_values: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each state, the candidate action ([batch, samples, act_dim]) with the highest Q ([batch, samples]), and that Q."""
+    """For each state, the candidate action ([batch, samples, act_dim]) with the highest Q ([batch, samples]), and
+    that Q."""
     best_q, best = q_values.max(dim=1)
     return candidates[torch.arange(len(candidates), device=candidates.device), best], best_q
 
@@ -276,8 +272,9 @@ def vae_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
-def evaluate(policy: BCQPolicy, env_id: str, episodes: int, seed: int, gamma: float, num_samples: int, device: torch.device,
-             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
+def evaluate(policy: BCQPolicy, env_id: str, episodes: int, seed: int, gamma: float, num_samples: int,
+             device: torch.device, video_folder: Optional[Path] = None,
+             video_prefix: str = "eval") -> dict[str, np.ndarray]:
     """Episodes of the BCQ policy batched in a vector env; returns their returns, discounted returns and
     first-state values (Q1 of the chosen action). The VAE's latents come from a generator seeded with `seed`, so
     a policy's evaluation is reproducible, and independent of the training's random numbers."""
@@ -291,12 +288,13 @@ def evaluate(policy: BCQPolicy, env_id: str, episodes: int, seed: int, gamma: fl
             return gym.make(env_id)
         return thunk
 
-    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
     running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
     generator = torch.Generator(device=device).manual_seed(seed)
-    # Only the running episodes are decoded for; the finished ones' envs have reset and step, ignored, with 0 (the middle).
+    # Only the running episodes are decoded for; the finished ones' envs have reset and step, ignored, with 0.
     actions = unnormalize_actions(torch.zeros(episodes, envs.single_action_space.shape[0]), policy.action_low.cpu(),
                                   policy.action_high.cpu()).numpy().astype(envs.single_action_space.dtype)
     policy.eval()
@@ -322,7 +320,8 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
     """D4RL's normalised score: 0 is a uniform random policy, 100 the expert that made the dataset's references."""
     if not reference_returns or reference_returns.get("expert") is None:
         return None
-    return 100.0 * (mean_return - reference_returns["random"]) / (reference_returns["expert"] - reference_returns["random"])
+    low, high = reference_returns["random"], reference_returns["expert"]
+    return 100.0 * (mean_return - low) / (high - low)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -353,9 +352,10 @@ if __name__ == "__main__":
     data_low, data_high = data_space.get("low", space.low.tolist()), data_space.get("high", space.high.tolist())
     if (probe_env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,)
             or not np.allclose(data_low, space.low) or not np.allclose(data_high, space.high)):
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape ({act_dim},) "
-             f"in [{data_low}, {data_high}], env {env_id} has observation shape {probe_env.observation_space.shape} and "
-             f"actions of shape {space.shape} in [{space.low.tolist()}, {space.high.tolist()}]")
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+             f"({act_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+             f"{probe_env.observation_space.shape} and actions of shape {space.shape} in "
+             f"[{space.low.tolist()}, {space.high.tolist()}]")
     probe_env.close()
 
     run_name = f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
@@ -368,9 +368,19 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
-    policy = BCQPolicy(obs_dim, act_dim, space.low, space.high, args.phi, args.vae_hidden_dim).to(device)
+    policy = BCQPolicy(obs_dim, act_dim, space.low, space.high, args.phi, args.vae_hidden_dim, args.layer_norm)
+    policy.to(device)
+    if args.normalize_observations:
+        policy.obs_mean.copy_(data["observations"].mean(dim=0))
+        policy.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
+    # The networks see standardised observations and actions in [-1, 1]; the clamp covers dataset actions a hair
+    # outside the bounds.
+    data["observations"] = policy.normalize(data["observations"])
+    data["next_observations"] = policy.normalize(data["next_observations"])
+    data["actions"] = normalize_actions(data["actions"], policy.action_low, policy.action_high).clamp(-1.0, 1.0)
     target_actor, target_critic = copy.deepcopy(policy.actor), copy.deepcopy(policy.critic)
     target_parameters = [*target_actor.parameters(), *target_critic.parameters()]
     online_parameters = [*policy.actor.parameters(), *policy.critic.parameters()]
@@ -378,48 +388,43 @@ if __name__ == "__main__":
     actor_optimizer = torch.optim.Adam(policy.actor.parameters(), lr=args.learning_rate, fused=True)
     critic_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=args.learning_rate, fused=True)
     actor_parameters = list(policy.actor.parameters())
-    # The networks see actions in [-1, 1]; clamping covers dataset actions a hair outside the bounds.
-    data["actions"] = normalize_actions(data["actions"], policy.action_low, policy.action_high).clamp(-1.0, 1.0)
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.bf16)
     num_transitions = len(data["rewards"])
-    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
+    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
+          f"run folder {run_dir}")
 
     start_time, eval_time, evaluations, last_losses = time.time(), 0.0, [], {}
     last_print = start_time
     for global_step in range(1, args.total_steps + 1):
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
-        observations, actions, rewards = data["observations"][indices], data["actions"][indices], data["rewards"][indices]
+        observations, actions, rewards = (data[key][indices] for key in ("observations", "actions", "rewards"))
         next_observations, terminations = data["next_observations"][indices], data["terminations"][indices]
 
         # VAE: reconstruction + 0.5 * KL (the author's weights), so that decode(s, z) samples the data's actions at s.
-        with autocast():
-            reconstruction, mean, std = policy.vae(observations, actions)
-            reconstruction_loss, kl_loss = F.mse_loss(reconstruction.float(), actions), vae_kl(mean.float(), std.float())
-            vae_loss = reconstruction_loss + 0.5 * kl_loss
+        reconstruction, mean, std = policy.vae(observations, actions)
+        reconstruction_loss, kl_loss = F.mse_loss(reconstruction, actions), vae_kl(mean, std)
+        vae_loss = reconstruction_loss + 0.5 * kl_loss
         vae_optimizer.zero_grad()
         vae_loss.backward()
         vae_optimizer.step()
 
         # Critics: both regress on the soft clipped double-Q target, a max over target_samples VAE actions per s',
         # each perturbed by the target actor and valued by the target critics (eq. 13).
-        with torch.no_grad(), autocast():
+        with torch.no_grad():
             repeated = torch.repeat_interleave(next_observations, args.target_samples, dim=0)
             next_q1, next_q2 = target_critic(repeated, target_actor(repeated, policy.vae.decode(repeated)))
-            targets = bcq_target(rewards, terminations, next_q1.float().view(-1, args.target_samples),
-                                 next_q2.float().view(-1, args.target_samples), args.gamma, args.lmbda)
-        with autocast():
-            q1, q2 = policy.critic(observations, actions)
-            critic_loss = F.mse_loss(q1.float(), targets) + F.mse_loss(q2.float(), targets)
+            targets = bcq_target(rewards, terminations, next_q1.view(-1, args.target_samples),
+                                 next_q2.view(-1, args.target_samples), args.gamma, args.lmbda)
+        q1, q2 = policy.critic(observations, actions)
+        critic_loss = F.mse_loss(q1, targets) + F.mse_loss(q2, targets)
         critic_optimizer.zero_grad()
         critic_loss.backward()
         critic_optimizer.step()
 
         # Actor: deterministic policy gradient of Q1 at perturbed VAE samples; the gradients go into the actor only.
-        with autocast():
-            with torch.no_grad():
-                sampled_actions = policy.vae.decode(observations)
-            perturbed_actions = policy.actor(observations, sampled_actions)
-            actor_loss = -policy.critic.q1(observations, perturbed_actions).float().mean()
+        with torch.no_grad():
+            sampled_actions = policy.vae.decode(observations)
+        perturbed_actions = policy.actor(observations, sampled_actions)
+        actor_loss = -policy.critic.q1(observations, perturbed_actions).mean()
         actor_optimizer.zero_grad()
         actor_loss.backward(inputs=actor_parameters)
         actor_optimizer.step()
@@ -430,21 +435,24 @@ if __name__ == "__main__":
 
         if global_step % args.log_freq == 0:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
-            losses = {"vae_loss": vae_loss.item(), "reconstruction_loss": reconstruction_loss.item(), "kl_loss": kl_loss.item(),
-                      "critic_loss": critic_loss.item(), "actor_loss": actor_loss.item()}
+            losses = {"vae_loss": vae_loss.item(), "reconstruction_loss": reconstruction_loss.item(),
+                      "kl_loss": kl_loss.item(), "critic_loss": critic_loss.item(), "actor_loss": actor_loss.item()}
             if not np.isfinite(list(losses.values())).all():
-                fail(f"a loss became non-finite at gradient step {global_step} (checked every --log-freq steps): {losses}; "
-                     f"last finite losses: { {k: round(v, 6) for k, v in last_losses.items()} }. Try a lower --learning-rate.")
+                last = {name: round(value, 6) for name, value in last_losses.items()}
+                fail(f"a loss became non-finite at gradient step {global_step} (checked every --log-freq steps): "
+                     f"{losses}; last finite losses: {last}. Try a lower --learning-rate.")
             last_losses = losses
             for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
-            writer.add_scalar("diagnostics/q_data", q1.float().mean().item(), global_step)
+            writer.add_scalar("diagnostics/q_data", q1.mean().item(), global_step)
             writer.add_scalar("diagnostics/target", targets.mean().item(), global_step)
-            writer.add_scalar("diagnostics/perturbation", (perturbed_actions - sampled_actions).abs().mean().item(), global_step)
+            writer.add_scalar("diagnostics/perturbation", (perturbed_actions - sampled_actions).abs().mean().item(),
+                              global_step)
             sps = global_step / (time.time() - start_time - eval_time)
             writer.add_scalar("charts/SPS", sps, global_step)
             if time.time() - last_print > 60:  # a sign of life between evaluations, about once a minute
-                print(f"step {global_step}/{args.total_steps}  critic_loss {critic_loss.item():.3f}  SPS {sps:.1f}", flush=True)
+                print(f"step {global_step}/{args.total_steps}  critic_loss {critic_loss.item():.3f}  SPS {sps:.1f}",
+                      flush=True)
                 last_print = time.time()
 
         if global_step % args.eval_freq == 0 or global_step == args.total_steps:
@@ -455,21 +463,23 @@ if __name__ == "__main__":
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluations.append({
+            evaluation = {
                 "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
                 "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
                 "discounted_return_initial": float(result["discounted_returns"].mean()),
-            })
+            }
+            evaluations.append(evaluation)
             writer.add_scalar("eval/episodic_return", mean_return, global_step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, global_step)
-            writer.add_scalar("diagnostics/q_initial", evaluations[-1]["q_initial"], global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"], global_step)
+            writer.add_scalar("diagnostics/q_initial", evaluation["q_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
+                              global_step)
             sps = global_step / (time.time() - start_time - eval_time)
-            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
-                  f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
-                  f"critic_loss {critic_loss.item():.3f}  SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s",
-                  flush=True)
+            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
+                  f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
+                  f"{evaluation['discounted_return_initial']:.1f}  critic_loss {critic_loss.item():.3f}  "
+                  f"SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s", flush=True)
 
     wall_time = time.time() - start_time
     model_path = run_dir / f"{args.exp_name}.pt"

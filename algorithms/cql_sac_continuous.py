@@ -1,53 +1,25 @@
-"""Offline CQL(H) on SAC for continuous actions (Kumar et al., 2020, "Conservative Q-Learning for Offline RL").
+"""Offline CQL(H) on SAC for continuous actions: Kumar, Zhou, Tucker and Levine, 2020, "Conservative Q-Learning
+for Offline Reinforcement Learning", https://arxiv.org/abs/2006.04779.
 
-Soft Actor-Critic (a tanh-Gaussian actor, twin Q critics with Polyak-averaged targets, automatic entropy
-tuning) trained on a fixed dataset over-estimates the actions the dataset never took, and its actor climbs
-straight to them. CQL(H) adds to each critic's TD loss the regulariser of the paper's eq. 4,
+Soft Actor-Critic (a tanh-Gaussian actor, twin critics with Polyak-averaged targets, automatic entropy tuning)
+trained on a fixed dataset over-estimates the actions the data never took, and its actor climbs straight to
+them. CQL(H) adds to each critic's TD loss the regulariser of the paper's eq. 4,
 
     cql_alpha * ( E_s log sum_a exp Q(s, a)  -  E_{(s, a) ~ D} Q(s, a) ),
 
-with the log-sum-exp over a continuous action space estimated by importance sampling (the paper's appendix
-F, the official code's "min_q_version 3"): for each state, num_random actions of each of three kinds,
-
-    uniform in the action box        Q(s, a_unif) - log U(a_unif)
-    from pi(.|s)                     Q(s, a_pi)   - log pi(a_pi|s)
-    from pi(.|s'), valued at s       Q(s, a_pi')  - log pi(a_pi'|s')
-
-and logsumexp over all 3 * num_random of them. `--cql-alpha 0` is plain offline SAC, the baseline.
-`--lagrange` tunes cql_alpha so that the gap (logsumexp - data Q) stays at `--target-action-gap` (the
-paper's CQL-Lagrange, eq. 30). `--bc-steps N` trains the actor by behaviour cloning for its first N steps.
+which pushes down a soft maximum of Q over all actions and pushes up Q of the data's actions, so that the critic
+is a lower bound on the policy's value (theorem 3.2). The log-sum-exp over a continuous box is importance
+sampled (appendix F, the official code's "min_q_version 3"): num_random actions per state of each of three kinds,
+uniform in the box, from pi(.|s) and from pi(.|s'), each Q minus its log-density. --lagrange tunes cql_alpha
+so that the gap stays at --target-action-gap (CQL-Lagrange, eq. 30). The actor first learns --bc-steps of
+behaviour cloning (the official code's warm start). --cql-alpha 0 is plain offline SAC, the baseline.
 
     python algorithms/cql_sac_continuous.py --dataset datasets/Hopper-v5/expert.npz
     python algorithms/cql_sac_continuous.py --dataset datasets/Hopper-v5/expert.npz --cql-alpha 0   # offline SAC
 
-Actions are handled in a normalised box [-1, 1]^d, mapped to the env's own bounds (low, high) only when
-acting; the uniform density and the actor's log-probabilities are both taken in that normalised box.
-Both critics run as one batched network (an ensemble of 2), one forward for both. Observations are
-standardised with the dataset's mean and std (CORL's and TD3+BC's practice, not the official code's): on the
-Hopper-v5 expert data, behaviour cloning alone reached 3650 in 5k steps with it and 1600-1900 after 20k
-without it (measured, lr 1e-3). `--bc-steps` runs at its own `--bc-actor-lr` (1e-3: BC at 1e-4 was at 390
-after 5k steps), then the actor continues at `--actor-lr`.
-
-Defaults, and where they depart from the paper (Hopper-v5 expert data, one CPU thread, another run on the
-second core; seed 1, 20k steps unless noted). One update costs ~0.1 s here, so the paper's 1M steps are out
-of reach; the defaults are chosen to learn in 20k steps (about 35 minutes):
-- --num-random 5 (paper 10): 16 instead of 31 critic rows per state; 10 updates/s instead of 5.6.
-- --bc-steps 3000 at --bc-actor-lr 1e-3 (the official code's behaviour-cloning warm start): at the
-  paper's settings without it the actor chased a critic that knew nothing yet (566 after 2.5k steps).
-- --cql-alpha 20 (paper 5, CORL 10): at 5 the policy fell from the clone's 1400-2600 to 600-900 within
-  1-3k steps of CQL at every actor lr (1e-3 to 3e-5) and tau (0.005, 0.05) tried; at 20 it went on improving.
-- --tau 0.02 (paper 0.005): at 0.005 the critic's value of the data was still climbing at 15k steps
-  (114, against about 220 once settled) and the actor followed a moving target; at 0.02 it settles by 10k.
-- --actor-lr 3e-5 (CORL's; the issue's 1e-4): at 1e-4 the evaluations swung between 1729 and 3354 from
-  7.5k to 20k steps; at 3e-5 they were 2568, 2826, 2967, 2923, 2876 from 10k to 20k.
-
-Measured and not kept: --tau 0.05 (final 3392, but 1528-3392 over the last five evaluations), a narrower
---target-entropy -9 (final 1259), --cql-alpha 50 at tau 0.005 (675 at 12.5k steps). With the defaults, seeds
-1, 2, 3 ended at 2876, 2721 and 3388 (the data's episodes: 3257) in 2045-2104 s each at 9.6-9.9 updates/s;
-the evaluations still move by several hundred from one to the next (README.md has every one).
-
-These values are tuned on Hopper: on the tests' small Pendulum data they did worse (-277, -463, -196 after
-6000 steps) than the paper's --cql-alpha 5 --tau 0.005 --actor-lr 1e-4 (-217, -345, -309 after 3000).
+Actions live in the normalised box [-1, 1]^d, mapped to the env's bounds only when acting; the uniform density
+and the actor's log-probabilities are both taken in that box. Observations are standardised with the dataset's
+mean and std (CORL's practice). The measurements behind each default are in results/ablations.md.
 """
 
 import json
@@ -92,9 +64,9 @@ class Args:
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
-    total_steps: int = 20_000
-    """number of gradient steps"""
-    eval_freq: int = 2_500
+    total_steps: int = 60_000
+    """number of gradient steps (the paper: 1M, out of reach of one CPU core in an hour)"""
+    eval_freq: int = 5_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
     """episodes per evaluation, run together in a vector env"""
@@ -103,7 +75,7 @@ class Args:
 
     # CQL-SAC
     actor_lr: float = 3e-5
-    """Adam learning rate of the actor"""
+    """Adam learning rate of the actor (CORL's; the paper 1e-4)"""
     critic_lr: float = 3e-4
     """Adam learning rate of the critics"""
     alpha_lr: float = 3e-4
@@ -115,17 +87,21 @@ class Args:
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.02
-    """Polyak averaging rate of the target critics"""
+    """Polyak averaging rate of the target critics (the paper 0.005: the critic settles 4x sooner at 0.02)"""
     hidden_dim: int = 256
     """width of the hidden layers of the actor and the critics"""
     num_layers: int = 2
-    """hidden layers of the actor and the critics (the official code uses 3)"""
+    """hidden layers of the actor and the critics (the official code 3: 2 cost half as much)"""
+    layer_norm: bool = False
+    """LayerNorm before each hidden ReLU of the critics (ReBRAC's; Yue et al. 2023: it stops Q divergence)"""
     normalize_observations: bool = True
     """feed the networks observations standardised with the dataset's mean and std (kept in the saved model)"""
     cql_alpha: float = 20.0
     """weight of the conservative term; 0 gives plain offline SAC"""
-    num_random: int = 5
+    num_random: int = 10
     """sampled actions of each of the three kinds per state in the log-sum-exp"""
+    cql_states: int = 32
+    """states of the batch eq. 4 is estimated on (the paper: all 256): unbiased, and 2.6x the updates per second"""
     lagrange: bool = False
     """tune cql_alpha automatically to keep the conservative gap at --target-action-gap"""
     target_action_gap: float = 10.0
@@ -134,8 +110,6 @@ class Args:
     """train the actor by behaviour cloning (max log-likelihood of the data actions) for this many first steps"""
     bc_actor_lr: float = 1e-3
     """Adam learning rate of the actor during the --bc-steps (then --actor-lr)"""
-    bf16: bool = False
-    """run the networks under bfloat16 autocast (faster matmuls on CPUs that have them; fp32 master weights)"""
     log_freq: int = 100
     """gradient steps between loss logs"""
 
@@ -150,8 +124,9 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     """The whole dataset as tensors on the device, so that a batch is one torch.randint and an index."""
     if not Path(path).is_file():
         env_id, policy = Path(path).parent.name or "Hopper-v5", Path(path).stem
+        policy = policy if policy in ("expert", "noisy", "random") else "expert"
         fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
-             f"--env-id {env_id} --policy {policy if policy in ('expert', 'noisy', 'random') else 'expert'} --output {path}")
+             f"--env-id {env_id} --policy {policy} --output {path}")
     with np.load(path, allow_pickle=False) as file:
         arrays = {key: file[key] for key in file.files}
     missing = {"observations", "actions", "rewards", "next_observations", "terminations", "metadata"} - set(arrays)
@@ -168,25 +143,12 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------- networks
-def mlp(input_dim: int, output_dim: int, hidden_dim: int, num_layers: int) -> nn.Sequential:
+def mlp(input_dim: int, output_dim: int, hidden_dim: int, num_layers: int, layer_norm: bool = False) -> nn.Sequential:
     layers, width = [], input_dim
     for _ in range(num_layers):
-        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        layers += [nn.Linear(width, hidden_dim), *([nn.LayerNorm(hidden_dim)] if layer_norm else []), nn.ReLU()]
         width = hidden_dim
     return nn.Sequential(*layers, nn.Linear(width, output_dim))
-
-
-class EnsembleLinear(nn.Module):
-    """`ensemble_size` independent linear layers applied in one batched matmul: x [E, B, in] -> [E, B, out]."""
-
-    def __init__(self, ensemble_size: int, input_dim: int, output_dim: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(input_dim)  # nn.Linear's default initialisation, per member
-        self.weight = nn.Parameter(torch.empty(ensemble_size, input_dim, output_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, output_dim).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
 
 
 class ObservationNormalizer(nn.Module):
@@ -202,22 +164,17 @@ class ObservationNormalizer(nn.Module):
 
 
 class TwinCritic(nn.Module):
-    """Q1 and Q2 in one network; returns [2, ...batch] for observations [...batch, obs_dim] and actions."""
+    """Q1 and Q2, two independent networks; returns [2, ...batch] for observations [...batch, obs_dim] and actions."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, num_layers: int):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, num_layers: int, layer_norm: bool = False):
         super().__init__()
         self.normalize = ObservationNormalizer(obs_dim)
-        layers, width = [], obs_dim + action_dim
-        for _ in range(num_layers):
-            layers += [EnsembleLinear(2, width, hidden_dim), nn.ReLU()]
-            width = hidden_dim
-        self.network = nn.Sequential(*layers, EnsembleLinear(2, width, 1))
+        self.q1 = mlp(obs_dim + action_dim, 1, hidden_dim, num_layers, layer_norm)
+        self.q2 = mlp(obs_dim + action_dim, 1, hidden_dim, num_layers, layer_norm)
 
     def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         inputs = torch.cat([self.normalize(observations), actions], dim=-1)
-        batch_shape = inputs.shape[:-1]
-        flat = inputs.reshape(1, -1, inputs.shape[-1]).expand(2, -1, -1)
-        return self.network(flat).reshape(2, *batch_shape)
+        return torch.stack([self.q1(inputs).squeeze(-1), self.q2(inputs).squeeze(-1)])
 
 
 class TanhGaussianActor(nn.Module):
@@ -261,8 +218,9 @@ def cql_conservative_gap(
     """CQL(H)'s gap for one critic (eq. 4, importance-sampled): the mean over states of the logsumexp over the
     three kinds of sampled actions, each Q minus its log-density, minus the mean Q of the dataset's actions.
 
-    q_random, q_current, q_next and the (detached) log_prob_*: [batch, num_random]; q_data: [batch].
-    Actions live in [-1, 1]^action_dim, where the uniform density is 0.5^action_dim."""
+    q_random, q_current, q_next and the (detached) log_prob_*: [states, num_random]; q_data: [states], the same
+    states, so that each state's push-down and push-up balance (both means then vary with the states' values
+    together). Actions live in [-1, 1]^action_dim, where the uniform density is 0.5^action_dim."""
     log_uniform_density = action_dim * math.log(0.5)
     importance_weighted = torch.cat(
         [q_random - log_uniform_density, q_current - log_prob_current, q_next - log_prob_next], dim=1
@@ -276,8 +234,6 @@ def soft_target(
     """r + gamma * (1 - terminal) * min(Q1', Q2')(s', a') with a' ~ pi(.|s'). As in the official CQL code
     (deterministic backup), the entropy bonus is left out of the target."""
     return rewards + gamma * (1.0 - terminations) * next_q_target.min(dim=0).values
-
-
 # ------------------------------------------------------------------------------------------------- evaluation
 class ActionScaler:
     """Maps the normalised box [-1, 1]^d to the env's bounds [low, high] and back."""
@@ -308,7 +264,8 @@ def evaluate(actor: TanhGaussianActor, critic: TwinCritic, scaler: ActionScaler,
             return gym.make(env_id)
         return thunk
 
-    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
     running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
@@ -331,7 +288,8 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
     """D4RL's normalised score: 0 is a uniform random policy, 100 the expert that made the dataset's references."""
     if not reference_returns or reference_returns.get("expert") is None:
         return None
-    return 100.0 * (mean_return - reference_returns["random"]) / (reference_returns["expert"] - reference_returns["random"])
+    low, high = reference_returns["random"], reference_returns["expert"]
+    return 100.0 * (mean_return - low) / (high - low)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -343,8 +301,10 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.total_steps < 1 or args.eval_freq < 1 or args.eval_episodes < 1 or args.num_random < 1:
-        fail("--total-steps, --eval-freq, --eval-episodes and --num-random must be at least 1")
+    if min(args.total_steps, args.eval_freq, args.eval_episodes, args.num_random, args.cql_states) < 1:
+        fail("--total-steps, --eval-freq, --eval-episodes, --num-random and --cql-states must be at least 1")
+    if args.cql_states > args.batch_size:
+        fail(f"--cql-states {args.cql_states} is more than --batch-size {args.batch_size}: give at most the batch size")
 
     data, metadata = load_dataset(args.dataset, device)
     env_id = args.env_id or metadata.get("env_id")
@@ -359,12 +319,14 @@ if __name__ == "__main__":
         fail(f"{env_id} has actions {action_space}; this script needs a Box action space")
     obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
     data_space = metadata.get("action_space", {})
-    data_low, data_high = data_space.get("low", action_space.low.tolist()), data_space.get("high", action_space.high.tolist())
+    data_low = data_space.get("low", action_space.low.tolist())
+    data_high = data_space.get("high", action_space.high.tolist())
     if (probe_env.observation_space.shape != (obs_dim,) or action_space.shape != (action_dim,)
             or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape ({action_dim},) "
-             f"in [{data_low}, {data_high}], env {env_id} has observation shape {probe_env.observation_space.shape} and "
-             f"actions of shape {action_space.shape} in [{action_space.low.tolist()}, {action_space.high.tolist()}]")
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+             f"{probe_env.observation_space.shape} and actions of shape {action_space.shape} in "
+             f"[{action_space.low.tolist()}, {action_space.high.tolist()}]")
     if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
         fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
     probe_env.close()
@@ -381,19 +343,18 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     actor = TanhGaussianActor(obs_dim, action_dim, args.hidden_dim, args.num_layers).to(device)
-    critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers).to(device)
+    critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers, args.layer_norm).to(device)
     if args.normalize_observations:
         obs_mean, obs_std = data["observations"].mean(dim=0), data["observations"].std(dim=0) + 1e-3
         for normalizer in (actor.normalize, critic.normalize):
             normalizer.mean.copy_(obs_mean)
             normalizer.std.copy_(obs_std)
-    target_critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers).to(device)
+    target_critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers, args.layer_norm).to(device)
     target_critic.load_state_dict(critic.state_dict())
-    # Plain Adam, not fused=True: the update is matmul-bound, so fusing gains little, and it rounds differently
-    # from the Adam that made the README's Hopper results (a fused seed-1 run ended at 1239 instead of 2876).
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.bc_actor_lr if args.bc_steps > 0 else args.actor_lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     # SAC's automatic entropy tuning (Haarnoja et al., 2018b): keep the policy's entropy near -action_dim.
@@ -402,41 +363,41 @@ if __name__ == "__main__":
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
     log_cql_alpha = torch.tensor([math.log(max(args.cql_alpha, 1e-8))], device=device, requires_grad=True)
     cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha], lr=args.alpha_lr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    num_transitions, batch, repeats = len(data["rewards"]), args.batch_size, args.num_random
-    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
+    num_transitions, repeats = len(data["rewards"]), args.num_random
+    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
+          f"run folder {run_dir}")
 
     start_time, eval_time, evaluations, last_losses = time.time(), 0.0, [], {}
     last_print = start_time
     for global_step in range(1, args.total_steps + 1):
-        indices = torch.randint(num_transitions, (batch,), device=device)
+        indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions = data["observations"][indices], data["actions"][indices]
         rewards, next_observations = data["rewards"][indices], data["next_observations"][indices]
         entropy_alpha = log_entropy_alpha.exp().detach()
 
         # Critics: TD loss (eq. 2 of SAC with CQL's deterministic backup) plus the conservative gap (eq. 4).
-        with autocast:
-            with torch.no_grad():
-                next_actions, _ = actor(next_observations)
-                targets = soft_target(rewards, data["terminations"][indices], target_critic(next_observations, next_actions).float(),
-                                      args.gamma)
-                # The sampled actions of the log-sum-exp: [batch, num_random, action_dim] each, valued at s.
-                repeated_observations = observations.unsqueeze(1).expand(-1, repeats, -1)
-                random_actions = torch.empty(batch, repeats, action_dim, device=device).uniform_(-1.0, 1.0)
-                current_actions, log_prob_current = actor(repeated_observations)
-                next_sampled_actions, log_prob_next = actor(next_observations.unsqueeze(1).expand(-1, repeats, -1))
-            q_data = critic(observations, actions).float()
-            td_loss = ((q_data - targets) ** 2).mean(dim=1).sum()  # summed over the two critics
-            if args.cql_alpha > 0 or args.lagrange:
-                sampled_actions = torch.cat([random_actions, current_actions, next_sampled_actions], dim=1)
-                q_sampled = critic(observations.unsqueeze(1).expand(-1, 3 * repeats, -1), sampled_actions).float()
-                q_random, q_current, q_next = q_sampled.split(repeats, dim=2)
-                gaps = torch.stack([
-                    cql_conservative_gap(q_random[i], q_current[i], q_next[i], log_prob_current.float(),
-                                         log_prob_next.float(), q_data[i], action_dim) for i in range(2)
-                ])
-            else:
-                gaps = torch.zeros(2, device=device)
+        with torch.no_grad():
+            next_actions, _ = actor(next_observations)
+            next_q_target = target_critic(next_observations, next_actions)
+            targets = soft_target(rewards, data["terminations"][indices], next_q_target, args.gamma)
+        q_data = critic(observations, actions)
+        td_loss = ((q_data - targets) ** 2).mean(dim=1).sum()  # summed over the two critics
+        if args.cql_alpha > 0 or args.lagrange:
+            # The batch is drawn uniformly, so its first --cql-states rows are a uniform sample of states too: eq. 4
+            # estimated on them is unbiased, at a fraction of the cost.
+            states, next_states = observations[:args.cql_states], next_observations[:args.cql_states]
+            with torch.no_grad():  # the sampled actions of the log-sum-exp: [states, num_random, action_dim] each
+                random_actions = torch.empty(args.cql_states, repeats, action_dim, device=device).uniform_(-1.0, 1.0)
+                current_actions, log_prob_current = actor(states.unsqueeze(1).expand(-1, repeats, -1))
+                next_sampled_actions, log_prob_next = actor(next_states.unsqueeze(1).expand(-1, repeats, -1))
+            sampled_actions = torch.cat([random_actions, current_actions, next_sampled_actions], dim=1)
+            q_sampled = critic(states.unsqueeze(1).expand(-1, 3 * repeats, -1), sampled_actions)
+            q_random, q_current, q_next = q_sampled.split(repeats, dim=2)
+            gaps = torch.stack([cql_conservative_gap(q_random[i], q_current[i], q_next[i], log_prob_current,
+                                                     log_prob_next, q_data[i, :args.cql_states], action_dim)
+                                for i in range(2)])
+        else:
+            gaps = torch.zeros(2, device=device)
         if args.lagrange:
             # CQL-Lagrange (eq. 30): cql_alpha grows while the gap exceeds target_action_gap, and shrinks otherwise.
             cql_alpha = log_cql_alpha.exp().clamp(0.0, 1e6)
@@ -457,14 +418,12 @@ if __name__ == "__main__":
         if global_step == args.bc_steps + 1:
             for group in actor_optimizer.param_groups:
                 group["lr"] = args.actor_lr
-        with autocast:
-            policy_actions, log_prob = actor(observations)
-            if global_step <= args.bc_steps:
-                actor_loss = (entropy_alpha * log_prob - actor.log_prob(observations, actions)).mean()
-            else:
-                actor_loss = (entropy_alpha * log_prob - critic(observations, policy_actions).min(dim=0).values).mean()
-        actor_loss = actor_loss.float()
-        entropy_loss = -(log_entropy_alpha * (log_prob.detach().float() + target_entropy)).mean()
+        policy_actions, log_prob = actor(observations)
+        if global_step <= args.bc_steps:
+            actor_loss = (entropy_alpha * log_prob - actor.log_prob(observations, actions)).mean()
+        else:
+            actor_loss = (entropy_alpha * log_prob - critic(observations, policy_actions).min(dim=0).values).mean()
+        entropy_loss = -(log_entropy_alpha * (log_prob.detach() + target_entropy)).mean()
         actor_optimizer.zero_grad()
         actor_loss.backward(inputs=list(actor.parameters()))  # the critics' gradients are not needed
         actor_optimizer.step()
@@ -479,9 +438,9 @@ if __name__ == "__main__":
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = {"td_loss": td_loss.item(), "cql_loss": cql_loss.item(), "actor_loss": actor_loss.item()}
             if not np.isfinite(list(losses.values())).all():
-                fail(f"a loss became non-finite at gradient step {global_step} (checked every --log-freq steps): {losses}; "
-                     f"last finite losses: { {name: round(value, 6) for name, value in last_losses.items()} }. "
-                     f"Try a lower learning rate.")
+                last = {name: round(value, 6) for name, value in last_losses.items()}
+                fail(f"a loss became non-finite at gradient step {global_step} (checked every --log-freq steps): "
+                     f"{losses}; last finite losses: {last}. Try a lower learning rate.")
             last_losses = losses
             for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
@@ -504,20 +463,23 @@ if __name__ == "__main__":
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluations.append({
+            evaluation = {
                 "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
                 "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
                 "discounted_return_initial": float(result["discounted_returns"].mean()),
-            })
+            }
+            evaluations.append(evaluation)
             writer.add_scalar("eval/episodic_return", mean_return, global_step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, global_step)
-            writer.add_scalar("diagnostics/q_initial", evaluations[-1]["q_initial"], global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"], global_step)
+            writer.add_scalar("diagnostics/q_initial", evaluation["q_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
+                              global_step)
             sps = global_step / (time.time() - start_time - eval_time)
-            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
-                  f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
-                  f"td_loss {td_loss.item():.3f}  SPS {sps:.1f}", flush=True)
+            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
+                  f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
+                  f"{evaluation['discounted_return_initial']:.1f}  td_loss {td_loss.item():.3f}  SPS {sps:.1f}",
+                  flush=True)
 
     wall_time = time.time() - start_time
     model_path = run_dir / f"{args.exp_name}.pt"

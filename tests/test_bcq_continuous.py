@@ -96,9 +96,11 @@ def test_run_writes_events_model_summary_and_video(pendulum_dataset, tmp_path, b
     folder, summary = check_run_folder(tmp_path, SCRIPT, "Pendulum-v1", 3, [100, 200], 2,
                                        {"losses/vae_loss", "losses/critic_loss", "losses/actor_loss"})
     # The saved model loads into the script's own classes and, evaluated on the same seeds, gives the same returns.
-    policy = bcq.BCQPolicy(3, 1, np.zeros(1), np.ones(1), phi=0.05)
+    policy = bcq.BCQPolicy(3, 1, np.zeros(1), np.ones(1), phi=0.05, layer_norm=summary["args"]["layer_norm"])
     policy.load_state_dict(torch.load(folder / f"{SCRIPT}.pt", weights_only=True))
     assert policy.action_low.tolist() == [-2.0] and policy.action_high.tolist() == [2.0]
+    # The dataset's observation statistics travel with the model: act() takes raw observations.
+    assert policy.obs_std.min() > 0.1 and not torch.equal(policy.obs_std, torch.ones(3))
     replay = bcq.evaluate(policy, "Pendulum-v1", 2, 3, 0.99, 100, torch.device("cpu"))
     assert replay["returns"].tolist() == pytest.approx(summary["final_returns"], abs=1e-3)
 

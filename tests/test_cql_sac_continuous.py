@@ -61,10 +61,28 @@ def test_tanh_gaussian_log_prob_matches_torch_transformed_distribution(cql):
     assert torch.allclose(actor.log_prob(observations, actions), log_prob, atol=1e-3)
 
 
-def test_twin_critic_members_are_independent(cql):
-    critic = cql.TwinCritic(obs_dim=3, action_dim=1, hidden_dim=8, num_layers=2)
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_twin_critic_members_are_independent(cql, layer_norm):
+    critic = cql.TwinCritic(obs_dim=3, action_dim=1, hidden_dim=8, num_layers=2, layer_norm=layer_norm)
     q = critic(torch.randn(4, 5, 3), torch.rand(4, 5, 1))
     assert q.shape == (2, 4, 5) and not torch.allclose(q[0], q[1])
+    assert sum(isinstance(module, torch.nn.LayerNorm) for module in critic.modules()) == (4 if layer_norm else 0)
+
+
+def test_gap_on_a_subset_of_states_is_an_unbiased_estimate(cql):
+    # The gap estimated on random subsets of the batch's states averages to the whole batch's gap.
+    torch.manual_seed(0)
+    q_random, q_current, q_next = torch.randn(64, 3), torch.randn(64, 3), torch.randn(64, 3)
+    log_prob_current, log_prob_next, q_data = torch.randn(64, 3), torch.randn(64, 3), torch.randn(64)
+    full = cql.cql_conservative_gap(q_random, q_current, q_next, log_prob_current, log_prob_next, q_data, 2)
+    estimates = []
+    for _ in range(4000):
+        subset = torch.randperm(64)[:8]
+        estimates.append(cql.cql_conservative_gap(q_random[subset], q_current[subset], q_next[subset],
+                                                  log_prob_current[subset], log_prob_next[subset], q_data[subset], 2))
+    estimates = torch.stack(estimates)
+    assert estimates.std() > 0.05  # each subset's estimate differs ...
+    assert estimates.mean().item() == pytest.approx(full.item(), abs=0.02)  # ... and their mean is the full gap
 
 
 def test_actions_are_mapped_into_non_unit_bounds(cql):
@@ -85,7 +103,8 @@ def test_run_writes_files_and_saved_model_reproduces_evaluation(cql, pendulum_da
                                      "--bc-steps", 100, "--seed", 4, *FAST], tmp_path)
     folder, summary = check_run_folder(tmp_path, SCRIPT, "Pendulum-v1", 4, [100, 200], 2,
                                        {"losses/td_loss", "losses/cql_loss", "losses/actor_loss"})
-    actor, critic = cql.TanhGaussianActor(3, 1, 256, 2), cql.TwinCritic(3, 1, 256, 2)
+    actor = cql.TanhGaussianActor(3, 1, 256, 2)
+    critic = cql.TwinCritic(3, 1, 256, 2, summary["args"]["layer_norm"])
     torch.nn.ModuleDict({"actor": actor, "critic": critic}).load_state_dict(torch.load(folder / f"{SCRIPT}.pt", weights_only=True))
     # The dataset's observation statistics travel with the model.
     assert not torch.equal(actor.normalize.std, torch.ones(3)) and torch.equal(actor.normalize.mean, critic.normalize.mean)
