@@ -97,7 +97,7 @@ CASES = [
          ["--bc-steps", "0", "--num-layers", "3", "--num-random", "10", "--cql-states", "256"], HOPPER, "CQL",
          {**CQL_SAC_D3RLPY, "hidden": [256, 256, 256], "num_random": 10}, 50, 1.5),
 ]
-FLOP_TARGET = 0.6  # share of the fp32 limit the issue asks of the two compute-bound continuous updates
+FLOP_TARGET = 0.6  # share of the fp32 limit aimed at for the two compute-bound continuous updates
 
 
 def run(command: list, cwd: Path, env: Optional[dict] = None) -> str:
@@ -288,7 +288,7 @@ if __name__ == "__main__":
               "|---|" + "---|" * len(args.threads)]
     lines.append("| fp32, 2048x2048, GFLOP/s | " + " | ".join(f"{peaks[(t, 'fp32')]:.0f}" for t in args.threads) + " |")
     lines.append("| bf16, 512x512, GFLOP/s | " + " | ".join(f"{peaks[(t, 'bf16')]:.1f}" for t in args.threads) + " |")
-    lines += ["", f"The issue asks {100 * FLOP_TARGET:.0f}% of the fp32 limit for the two continuous updates."]
+    lines += ["", f"The target is {100 * FLOP_TARGET:.0f}% of the fp32 limit for the two continuous updates."]
 
     lines += ["", "## Collector: one env against a vector env", ""]
     if collector:
