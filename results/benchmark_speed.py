@@ -1,6 +1,7 @@
-"""Speed of our four algorithms against d3rlpy 2.8.1's, side by side in one run, and against this CPU's limit.
+"""Speed of our algorithms against d3rlpy 2.8.1's, side by side in one run, and against this CPU's limit.
 
     .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (21 minutes on 2 cores here)
+    .venv/bin/python results/benchmark_speed.py --only TD3+BC IQL --output results/speed_td3_bc_iql.md
 
 For each case (an algorithm at its script's defaults, and CQL-SAC also at the paper's sizes) it times our
 script, run from the command line as a user runs it (`updates_per_second` of its summary.json, which leaves
@@ -59,6 +60,9 @@ class Args:
     """folder of default training runs (each a folder with summary.json) for the evaluation share"""
     output: Path = ROOT / "results" / "speed.md"
     """the report"""
+    only: tuple[str, ...] = ()
+    """time only the cases whose name starts with one of these (then the collector and evaluation-share sections
+    are left out)"""
 
 
 @dataclass
@@ -96,6 +100,12 @@ CASES = [
     Case("CQL-SAC, paper (3x256, batch 256, 10 samples of each kind)", "algorithms/cql_sac_continuous.py",
          ["--bc-steps", "0", "--num-layers", "3", "--num-random", "10", "--cql-states", "256"], HOPPER, "CQL",
          {**CQL_SAC_D3RLPY, "hidden": [256, 256, 256], "num_random": 10}, 50, 1.5),
+    Case("TD3+BC, defaults = paper (256-256, batch 256, the actor every 2 critic updates)", "algorithms/td3_bc.py", [],
+         HOPPER, "TD3PlusBC",
+         {"hidden": [256, 256], "batch_size": 256, "alpha": 2.5, "policy_noise": 0.2, "noise_clip": 0.5, "policy_freq": 2},
+         1500, 2.0),
+    Case("IQL, defaults = paper (256-256, batch 256, twin critics, a value network)", "algorithms/iql.py", [], HOPPER,
+         "IQL", {"hidden": [256, 256], "batch_size": 256, "expectile": 0.7, "beta": 3.0, "max_weight": 100.0}, 1500, 2.0),
 ]
 FLOP_TARGET = 0.6  # share of the fp32 limit aimed at for the two compute-bound continuous updates
 
@@ -141,12 +151,13 @@ def d3rlpy_updates_per_second(case: Case, python: Path, threads: int, steps: int
 def flops_per_update(case: Case, d3rlpy_python: Path) -> tuple[float, float]:
     """(ours, d3rlpy's) FLOPs of one update, each counted by results/count_flops.py in its own venv."""
     updates, counter = 10, ROOT / "results" / "count_flops.py"
+    uneven = ["--uneven"] if case.d3rlpy_algo == "TD3PlusBC" else []  # the actor moves every other update
     with tempfile.TemporaryDirectory() as folder:
-        ours = run([sys.executable, counter, "--updates", updates, "--", ROOT / case.script, "--dataset", ROOT / case.dataset,
+        ours = run([sys.executable, counter, "--updates", updates, *uneven, "--", ROOT / case.script, "--dataset", ROOT / case.dataset,
                     "--total-steps", updates, "--eval-freq", updates, "--eval-episodes", 1, "--no-save-model", *case.flags],
                    Path(folder))
         # d3rlpy_speed.py makes a warm-up fit of min(20, steps) updates before the timed one.
-        theirs = run([d3rlpy_python, counter, "--updates", 2 * updates, "--",
+        theirs = run([d3rlpy_python, counter, "--updates", 2 * updates, *uneven, "--",
                       *d3rlpy_command(case, d3rlpy_python, 1, updates)[1:]], Path(folder))
     return json.loads(ours.splitlines()[-1])["flops_per_update"], json.loads(theirs.splitlines()[-1])["flops_per_update"]
 
@@ -188,6 +199,9 @@ def cpu_name() -> str:
 
 if __name__ == "__main__":
     args = tyro.cli(Args, description=__doc__)
+    CASES = [case for case in CASES if not args.only or case.name.startswith(args.only)]
+    if not CASES:
+        raise SystemExit(f"error: no case's name starts with any of {list(args.only)}")
     missing = [case.dataset for case in CASES if not (ROOT / case.dataset).is_file()]
     if missing:
         raise SystemExit("error: missing datasets " + ", ".join(sorted(set(missing))) + ". Build each with\n  " + "\n  ".join(
@@ -215,7 +229,7 @@ if __name__ == "__main__":
     peaks.update({(threads, "bf16"): matmul_peak(threads, torch.bfloat16, 512) for threads in args.threads})
 
     collector = {}
-    if (args.hf_cache / "models--sb3--ppo-LunarLander-v2").exists():
+    if (args.hf_cache / "models--sb3--ppo-LunarLander-v2").exists() and not args.only:
         for env_id in ("LunarLander-v3", "Hopper-v5"):
             for num_envs in (1, 8):
                 collector[(env_id, num_envs)] = collector_transitions_per_second(
@@ -223,7 +237,7 @@ if __name__ == "__main__":
                 print(f"collector {env_id} num_envs {num_envs}: {collector[(env_id, num_envs)]:.0f} transitions/s", flush=True)
 
     evaluation_shares = []
-    for summary_path in sorted(args.default_runs.glob("*/summary.json")):
+    for summary_path in sorted(args.default_runs.glob("*/summary.json")) if not args.only else []:
         summary = json.loads(summary_path.read_text())
         evaluation_shares.append((summary_path.parent.name, summary["eval_time_s"], summary["wall_time_s"],
                                   summary["updates_per_second"], summary["final_mean_return"]))
@@ -299,7 +313,8 @@ if __name__ == "__main__":
             one, eight = collector[(env_id, 1)], collector[(env_id, 8)]
             lines.append(f"| {env_id} | {one:.0f} transitions/s | {eight:.0f} transitions/s | {eight / one:.1f}x |")
     else:
-        lines.append(f"Not measured: no sb3 agents in {args.hf_cache} (give --hf-cache).")
+        lines.append("Not measured in a run with --only." if args.only else
+                     f"Not measured: no sb3 agents in {args.hf_cache} (give --hf-cache).")
 
     lines += ["", "## Evaluation's share of a default run", ""]
     if evaluation_shares:
@@ -309,7 +324,8 @@ if __name__ == "__main__":
             lines.append(f"| {name} | {eval_time:.0f} s | {wall_time:.0f} s | {100 * eval_time / wall_time:.1f}% | "
                          f"{updates_per_second:.1f} | {final_return:.1f} |")
     else:
-        lines.append(f"Not measured: no run folders with summary.json in {args.default_runs}.")
+        lines.append("Not measured in a run with --only." if args.only else
+                     f"Not measured: no run folders with summary.json in {args.default_runs}.")
     temporary = args.output.with_suffix(".md.tmp")
     temporary.write_text("\n".join(lines) + "\n")
     os.replace(temporary, args.output)

@@ -6,8 +6,8 @@ runs the script as `python <script> <its arguments>` would (as __main__, with it
 torch.utils.flop_counter.FlopCounterMode, and reads the counter after every optimizer step through torch's
 global optimizer hook. An update's FLOPs are those counted between the end of the first update and the end of
 the last one, divided by the updates in between, so the setup before the first update and the evaluation after
-the last one are left out. It
-prints one JSON line: {"flops_per_update": ..., "optimizer_steps": ...}. FlopCounterMode counts the matrix
+the last one are left out (where updates differ in their optimizer steps, as TD3's delayed actor, from the first
+step to the last, within one actor step over the updates). It prints one JSON line: {"flops_per_update": ..., "optimizer_steps": ...}. FlopCounterMode counts the matrix
 products (mm, addmm, bmm, baddbmm, convolutions), where nearly all of the arithmetic of these networks is.
 benchmark_speed.py uses it with our venv for our scripts and with the d3rlpy venv for results/d3rlpy_speed.py.
 """
@@ -25,6 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--updates", type=int, required=True, help="gradient updates the script will make")
+parser.add_argument("--uneven", action="store_true",
+                    help="updates differ in their optimizer steps (one to two each, as TD3's delayed actor)")
 parser.add_argument("script", help="the training script")
 parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments (after --)")
 args = parser.parse_args()
@@ -38,8 +40,15 @@ sys.argv = [args.script, *script_args]
 with counter, contextlib.redirect_stdout(io.StringIO()):
     runpy.run_path(args.script, run_name="__main__")
 steps = len(counts_after_step)
-if args.updates < 2 or steps % args.updates:
-    raise SystemExit(f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the script's step count")
-steps_per_update = steps // args.updates
-flops = (counts_after_step[-1] - counts_after_step[steps_per_update - 1]) / (args.updates - 1)
+even = not args.uneven and args.updates >= 2 and steps % args.updates == 0
+if not (even or args.uneven and args.updates < steps < 2 * args.updates):
+    raise SystemExit(f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the "
+                     f"script's step count{'' if args.uneven else ', and --uneven where updates differ in their steps'}")
+if even:
+    steps_per_update = steps // args.updates
+    flops = (counts_after_step[-1] - counts_after_step[steps_per_update - 1]) / (args.updates - 1)
+else:
+    # From the first step to the last: updates - 1 whole updates and the rest of the first one, so the error is
+    # at most one of the occasional steps (TD3's delayed actor) over updates - 1.
+    flops = (counts_after_step[-1] - counts_after_step[0]) / (args.updates - 1)
 print(json.dumps({"flops_per_update": flops, "optimizer_steps": steps}))

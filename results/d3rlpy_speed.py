@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--algo", required=True, choices=["DiscreteCQL", "DiscreteBCQ", "BCQ", "CQL"])
+parser.add_argument("--algo", required=True, choices=["DiscreteCQL", "DiscreteBCQ", "BCQ", "CQL", "TD3PlusBC", "IQL"])
 parser.add_argument("--dataset", required=True, help="a .npz of data_collection/collect_dataset.py")
 parser.add_argument("--steps", type=int, default=1000, help="gradient steps to time")
 parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -58,6 +58,17 @@ elif args.algo == "BCQ":
         batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["actor_hidden"]),
         critic_encoder_factory=encoder(settings["critic_hidden"]), imitator_encoder_factory=encoder(settings["vae_hidden"]),
         n_action_samples=settings["target_samples"], lam=settings["lmbda"], action_flexibility=settings["phi"])
+elif args.algo == "TD3PlusBC":
+    config = d3rlpy.algos.TD3PlusBCConfig(
+        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),
+        critic_encoder_factory=encoder(settings["hidden"]), alpha=settings["alpha"],
+        target_smoothing_sigma=settings["policy_noise"], target_smoothing_clip=settings["noise_clip"],
+        update_actor_interval=settings["policy_freq"])
+elif args.algo == "IQL":
+    config = d3rlpy.algos.IQLConfig(
+        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),
+        critic_encoder_factory=encoder(settings["hidden"]), value_encoder_factory=encoder(settings["hidden"]),
+        expectile=settings["expectile"], weight_temp=settings["beta"], max_weight=settings["max_weight"])
 else:
     config = d3rlpy.algos.CQLConfig(
         batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),

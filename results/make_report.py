@@ -34,7 +34,8 @@ from run_matrix import MATRIX, MATRIX_DIR, ROOT, SEEDS  # noqa: E402
 
 BEGIN, END = "<!-- report:begin (made by results/make_report.py) -->", "<!-- report:end -->"
 NAIVE = {"DQN", "SAC"}
-COLOURS = {"CQL": "tab:blue", "BCQ": "tab:green", "DQN": "tab:red", "SAC": "tab:red", "BC": "tab:gray"}
+COLOURS = {"CQL": "tab:blue", "BCQ": "tab:green", "TD3+BC": "tab:orange", "IQL": "tab:purple", "DQN": "tab:red",
+           "SAC": "tab:red", "BC": "tab:gray"}
 
 
 @dataclass

@@ -82,6 +82,8 @@ BC = Algorithm("BC", "algorithms/bc.py", minutes=2)
 CQL_SAC = Algorithm("CQL", "algorithms/cql_sac_continuous.py", minutes=36)
 SAC = Algorithm("SAC", "algorithms/cql_sac_continuous.py", ("--cql-alpha", "0", "--exp-name", "sac"), 15)
 BCQ = Algorithm("BCQ", "algorithms/bcq_continuous.py", minutes=50)
+TD3_BC = Algorithm("TD3+BC", "algorithms/td3_bc.py", minutes=20)
+IQL = Algorithm("IQL", "algorithms/iql.py", minutes=20)
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,9 @@ class EnvRows:
 
 
 MATRIX = (
-    EnvRows("LunarLander-v3", ("random", "medium", "noisy", "expert"), (CQL_DQN, BCQ_DISCRETE, DQN, BC)),
-    EnvRows("Hopper-v5", ("medium", "expert", "medium-expert"), (CQL_SAC, BCQ, SAC, BC)),
-    EnvRows("BipedalWalker-v3", ("noisy", "expert"), (BCQ, CQL_SAC, BC)),
+    EnvRows("LunarLander-v3", ("random", "medium", "noisy", "expert"), (CQL_DQN, BCQ_DISCRETE, IQL, DQN, BC)),
+    EnvRows("Hopper-v5", ("medium", "expert", "medium-expert"), (CQL_SAC, BCQ, TD3_BC, IQL, SAC, BC)),
+    EnvRows("BipedalWalker-v3", ("noisy", "expert"), (BCQ, CQL_SAC, TD3_BC, IQL, BC)),
 )
 SEEDS = (1, 2, 3)
 

@@ -1,4 +1,4 @@
-"""bcq_continuous.py and cql_sac_continuous.py refuse bad input with a message that says what to do."""
+"""bcq_continuous.py, cql_sac_continuous.py and td3_bc.py refuse bad input with a message that says what to do."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from conftest import assert_clean_failure, load_npz, run_algorithm
 
 from dataset_io import save_dataset
 
-SCRIPTS = ["bcq_continuous", "cql_sac_continuous"]
+SCRIPTS = ["bcq_continuous", "cql_sac_continuous", "td3_bc"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -49,6 +49,7 @@ def test_box_bounds_not_matching_the_env_are_refused(script, pendulum_dataset, t
 @pytest.mark.parametrize(("script", "flags"), [
     ("bcq_continuous", ["--learning-rate", 1e10, "--total-steps", 2000, "--eval-freq", 2000]),
     ("cql_sac_continuous", ["--critic-lr", 1e10, "--total-steps", 500, "--eval-freq", 500, "--num-random", 2]),
+    ("td3_bc", ["--critic-lr", 1e10, "--actor-lr", 1e10, "--total-steps", 2000, "--eval-freq", 2000]),
 ])
 def test_diverging_loss_stops_with_the_step(script, flags, pendulum_dataset, tmp_path):
     # A learning rate of 1e10 throws the weights to about 1e30 within a few steps: squared, the losses overflow.

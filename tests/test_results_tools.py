@@ -54,8 +54,9 @@ def test_report_tables_and_plots(tmp_path):
     assert text.startswith("# Mine\n\nhand-written intro\n") and text.endswith("<!-- report:end -->\nhand-written reading\n")
     assert "\nold\n" not in text
     # mean ± population std over seeds; the best mean in bold; missing seeds and algorithms said so
-    assert "| expert | **150.0 ± 50.0 (2 of 3 seeds)** | – | -50.0 (1 of 3 seeds) | – |" in text
-    assert "| expert | **75.0 ± 25.0 (2 of 3 seeds)** | – | -25.0 (1 of 3 seeds) | – |" in text
+    # (the columns: CQL, BCQ, IQL, DQN, BC)
+    assert "| expert | **150.0 ± 50.0 (2 of 3 seeds)** | – | – | -50.0 (1 of 3 seeds) | – |" in text
+    assert "| expert | **75.0 ± 25.0 (2 of 3 seeds)** | – | – | -25.0 (1 of 3 seeds) | – |" in text
     # median wall time 2.0 min from 1.0 to 3.0; the command with the dataset and seed as placeholders
     assert "| CQL | `python algorithms/x.py --dataset datasets/LunarLander-v3/<dataset>.npz --seed <seed> --threads 1` " \
            "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text

@@ -1,0 +1,399 @@
+"""TD3+BC, offline: Fujimoto and Gu, 2021, "A Minimalist Approach to Offline Reinforcement Learning",
+https://arxiv.org/abs/2106.06860.
+
+TD3 trained on a fixed dataset lets its deterministic actor climb to actions the data never took, whose
+over-estimated values no new experience corrects. TD3+BC changes two things in TD3 (section 5): the actor's loss
+gains a behaviour-cloning term that keeps pi(s) near the data's action, and observations are standardised:
+
+    actor:   L = -lambda * Q1(s, pi(s)) + (pi(s) - a)^2,    lambda = alpha / mean_batch |Q1(s, pi(s))|   (eq. 3, 4)
+    critic:  y = r + gamma * (1 - terminal) * min(Q1', Q2')(s', clip(pi'(s') + clip(N(0, sigma^2), -c, c), -1, 1))
+             L = (Q1(s, a) - y)^2 + (Q2(s, a) - y)^2
+    observations: (s - mean) / (std + 1e-3), the dataset's statistics                                    (eq. 5)
+
+Dividing by the batch's mean |Q| makes alpha (2.5) weigh the two terms alike whatever the rewards' scale, and the
+gradient of lambda is not taken. TD3's three pieces stay: clipped double Q (the min), target policy smoothing
+(noise sigma 0.2, clipped at c 0.5) and the delayed actor (the actor and the targets move every --policy-freq 2
+critic updates). Everything costs about two TD3 updates: no sampled actions, no generative model.
+
+    python algorithms/td3_bc.py --dataset datasets/Hopper-v5/medium-expert.npz
+    python algorithms/td3_bc.py --dataset datasets/Hopper-v5/medium-expert.npz --total-steps 1000000   # the paper's
+
+Actions live in the normalised box [-1, 1]^d (the paper's max_action 1), mapped to the env's bounds when acting;
+the squared error is averaged over the action dimensions, as in the authors' code (sfujim/TD3_BC), whose defaults
+these are except where a field says otherwise. Continuous actions only.
+"""
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = Path(__file__).stem
+    """name of this experiment, used in the run folder's name"""
+    seed: int = 1
+    """seed of python, numpy and torch; evaluation episode i uses env seed seed * 1000 + i"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """record the first evaluation episode of each evaluation to <run folder>/videos"""
+    save_model: bool = True
+    """save nn.ModuleDict(actor=..., critic=...)'s state_dict to <run folder>/<exp_name>.pt"""
+    dataset: str = "datasets/Hopper-v5/medium-expert.npz"
+    """dataset file (.npz) made by data_collection/collect_dataset.py"""
+    env_id: Optional[str] = None
+    """env to evaluate on; None: the dataset's env_id"""
+    total_steps: int = 100_000
+    """number of critic updates (the paper: 1M, 2.5 hours on one CPU core; 100k, about 15 minutes)"""
+    eval_freq: int = 10_000
+    """evaluate every this many gradient steps (and after the last one)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run together in a vector env"""
+    threads: int = 1
+    """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
+
+    # TD3+BC
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the critics"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of the actor and of each critic"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak averaging rate of the target actor and critics, applied at each actor update"""
+    alpha: float = 2.5
+    """weight of Q against behaviour cloning in the actor's loss (eq. 4): larger trusts the critic more"""
+    policy_noise: float = 0.2
+    """std of the target policy smoothing noise, in the normalised action box"""
+    noise_clip: float = 0.5
+    """the smoothing noise is clipped to +-noise_clip"""
+    policy_freq: int = 2
+    """critic updates per actor and target update (TD3's delayed policy update)"""
+    layer_norm: bool = False
+    """LayerNorm before each hidden ReLU of the critics (ReBRAC's; Yue et al. 2023: it stops Q divergence)"""
+    normalize_observations: bool = True
+    """standardise observations with the dataset's mean and std (eq. 5), kept in the saved model"""
+    log_freq: int = 100
+    """gradient steps between loss logs"""
+
+
+def fail(message: str) -> None:
+    """Stop with a message and exit status 1, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole dataset as tensors on the device, so that a batch is one torch.randint and an index."""
+    if not Path(path).is_file():
+        env_id, policy = Path(path).parent.name or "Hopper-v5", Path(path).stem
+        policy = policy if policy in ("expert", "noisy", "random") else "expert"
+        fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
+             f"--env-id {env_id} --policy {policy} --output {path}")
+    with np.load(path, allow_pickle=False) as file:
+        arrays = {key: file[key] for key in file.files}
+    missing = {"observations", "actions", "rewards", "next_observations", "terminations", "metadata"} - set(arrays)
+    if missing:
+        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: it lacks {', '.join(sorted(missing))}")
+    if arrays["actions"].ndim != 2 or not np.issubdtype(arrays["actions"].dtype, np.floating):
+        fail(f"{path} has discrete actions; this script needs continuous (Box) actions: use algorithms/iql.py, "
+             f"algorithms/cql_discrete_lunarlander.py or algorithms/bcq_discrete.py")
+    # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
+    data = {key: torch.tensor(arrays[key], dtype=torch.float32, device=device)
+            for key in ("observations", "actions", "rewards", "next_observations", "terminations")}
+    return data, json.loads(str(arrays["metadata"]))
+
+
+# ------------------------------------------------------------------------------------------------- networks
+def mlp(input_dim: int, output_dim: int, hidden_dim: int, layer_norm: bool = False) -> nn.Sequential:
+    layers, width = [], input_dim
+    for _ in range(2):
+        layers += [nn.Linear(width, hidden_dim), *([nn.LayerNorm(hidden_dim)] if layer_norm else []), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, output_dim))
+
+
+class Actor(nn.Module):
+    """pi(s) = tanh(network(s)) in [-1, 1]^d on standardised observations. The dataset's observation mean and std
+    and the env's action bounds are buffers, so the saved actor acts on its own: act() takes raw observations."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, action_low: np.ndarray, action_high: np.ndarray):
+        super().__init__()
+        self.network = mlp(obs_dim, action_dim, hidden_dim)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32))
+        self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32))
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        """Actions in [-1, 1] for standardised observations."""
+        return torch.tanh(self.network(observations))
+
+    def normalize(self, observations: torch.Tensor) -> torch.Tensor:
+        return (observations - self.obs_mean) / self.obs_std
+
+    def act(self, observations: torch.Tensor) -> torch.Tensor:
+        """Actions in the env's units for raw observations."""
+        actions = self.forward(self.normalize(observations))
+        return self.action_low + 0.5 * (actions + 1.0) * (self.action_high - self.action_low)
+
+
+class TwinCritic(nn.Module):
+    """Q1 and Q2, two independent networks of standardised observations and actions in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, layer_norm: bool = False):
+        super().__init__()
+        self.q1 = mlp(obs_dim + action_dim, 1, hidden_dim, layer_norm)
+        self.q2 = mlp(obs_dim + action_dim, 1, hidden_dim, layer_norm)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = torch.cat([observations, actions], dim=-1)
+        return self.q1(inputs).squeeze(-1), self.q2(inputs).squeeze(-1)
+
+
+def smoothed_target_actions(target_actions: torch.Tensor, noise: torch.Tensor, noise_clip: float) -> torch.Tensor:
+    """TD3's target policy smoothing: pi'(s') + noise clipped to +-noise_clip, the sum clipped to the box [-1, 1]."""
+    return (target_actions + noise.clamp(-noise_clip, noise_clip)).clamp(-1.0, 1.0)
+
+
+def td3_target(rewards: torch.Tensor, terminations: torch.Tensor, next_q1: torch.Tensor, next_q2: torch.Tensor,
+               gamma: float) -> torch.Tensor:
+    """r + gamma * (1 - terminal) * min(Q1', Q2'): TD3's clipped double Q-learning."""
+    return rewards + gamma * (1.0 - terminations) * torch.minimum(next_q1, next_q2)
+
+
+def td3_bc_actor_loss(q_policy: torch.Tensor, policy_actions: torch.Tensor, data_actions: torch.Tensor,
+                      alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper's eq. 3 with eq. 4: -lambda * mean Q1(s, pi(s)) + mean (pi(s) - a)^2, lambda = alpha / mean |Q1|
+    (a constant: its gradient is not taken). Returns the loss, lambda and the behaviour-cloning term."""
+    lmbda = alpha / q_policy.abs().mean().detach()
+    bc_term = F.mse_loss(policy_actions, data_actions)
+    return -lmbda * q_policy.mean() + bc_term, lmbda, bc_term
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def evaluate(actor: Actor, critic: TwinCritic, env_id: str, episodes: int, seed: int, gamma: float,
+             device: torch.device, video_folder: Optional[Path] = None,
+             video_prefix: str = "eval") -> dict[str, np.ndarray]:
+    """Deterministic episodes batched in a vector env: their returns, discounted returns and first min(Q1, Q2)."""
+
+    def make_env(index: int):
+        def thunk():
+            if video_folder is not None and index == 0:
+                env = gym.make(env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, str(video_folder), episode_trigger=lambda episode: episode == 0,
+                                                name_prefix=video_prefix, disable_logger=True)
+            return gym.make(env_id)
+        return thunk
+
+    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
+    returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
+    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    while running.any():
+        with torch.no_grad():
+            observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
+            if q_initial is None:
+                normalized = actor.normalize(observation_tensor)
+                q_initial = torch.minimum(*critic(normalized, actor(normalized))).cpu().numpy()
+            actions = actor.act(observation_tensor).cpu().numpy()
+        observations, rewards, terminations, truncations, _ = envs.step(actions)
+        returns += np.where(running, rewards, 0.0)
+        discounted_returns += np.where(running, discount * rewards, 0.0)
+        discount *= gamma
+        running &= ~(terminations | truncations)
+    envs.close()
+    return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
+
+
+def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
+    """D4RL's normalised score: 0 is a uniform random policy, 100 the expert that made the dataset's references."""
+    if not reference_returns or reference_returns.get("expert") is None:
+        return None
+    low, high = reference_returns["random"], reference_returns["expert"]
+    return 100.0 * (mean_return - low) / (high - low)
+
+
+# ------------------------------------------------------------------------------------------------- main
+if __name__ == "__main__":
+    args = tyro.cli(Args, description=__doc__)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if min(args.total_steps, args.eval_freq, args.eval_episodes, args.batch_size, args.policy_freq, args.log_freq) < 1:
+        fail("--total-steps, --eval-freq, --eval-episodes, --batch-size, --policy-freq, --log-freq must be at least 1")
+
+    data, metadata = load_dataset(args.dataset, device)
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    space = probe_env.action_space
+    if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        fail(f"{env_id} has actions {space}; this script needs a Box action space with finite bounds")
+    obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
+    data_space = metadata.get("action_space", {})
+    data_low, data_high = data_space.get("low", space.low.tolist()), data_space.get("high", space.high.tolist())
+    if (probe_env.observation_space.shape != (obs_dim,) or space.shape != (action_dim,)
+            or not np.allclose(data_low, space.low) or not np.allclose(data_high, space.high)):
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+             f"{probe_env.observation_space.shape} and actions of shape {space.shape} in "
+             f"[{space.low.tolist()}, {space.high.tolist()}]")
+    probe_env.close()
+
+    run_name = f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+
+    actor = Actor(obs_dim, action_dim, args.hidden_dim, space.low, space.high).to(device)
+    critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.layer_norm).to(device)
+    if args.normalize_observations:
+        actor.obs_mean.copy_(data["observations"].mean(dim=0))
+        actor.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
+    # Standardised once here, so an update spends nothing on it; the clamp covers actions a hair outside the bounds.
+    data["observations"] = actor.normalize(data["observations"])
+    data["next_observations"] = actor.normalize(data["next_observations"])
+    low, high = actor.action_low, actor.action_high
+    data["actions"] = (2.0 * (data["actions"] - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
+    target_actor, target_critic = copy.deepcopy(actor), copy.deepcopy(critic)
+    target_parameters = [*target_actor.parameters(), *target_critic.parameters()]
+    online_parameters = [*actor.parameters(), *critic.parameters()]
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    num_transitions = len(data["rewards"])
+    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
+          f"run folder {run_dir}")
+
+    start_time, eval_time, evaluations, last_losses = time.time(), 0.0, [], {}
+    for global_step in range(1, args.total_steps + 1):
+        indices = torch.randint(num_transitions, (args.batch_size,), device=device)
+        observations, actions, rewards = (data[key][indices] for key in ("observations", "actions", "rewards"))
+        next_observations, terminations = data["next_observations"][indices], data["terminations"][indices]
+
+        # Critics: clipped double Q with target policy smoothing.
+        with torch.no_grad():
+            noise = torch.randn_like(actions) * args.policy_noise
+            next_actions = smoothed_target_actions(target_actor(next_observations), noise, args.noise_clip)
+            targets = td3_target(rewards, terminations, *target_critic(next_observations, next_actions), args.gamma)
+        q1, q2 = critic(observations, actions)
+        critic_loss = F.mse_loss(q1, targets) + F.mse_loss(q2, targets)
+        critic_optimizer.zero_grad()
+        critic_loss.backward()
+        critic_optimizer.step()
+
+        # Delayed actor (eq. 3), from the first step on: the gradient flows through Q1 into the actor only; then the
+        # targets follow.
+        if global_step % args.policy_freq == 1 % args.policy_freq:
+            policy_actions = actor(observations)
+            q_policy = critic.q1(torch.cat([observations, policy_actions], dim=-1)).squeeze(-1)
+            actor_loss, lmbda, bc_term = td3_bc_actor_loss(q_policy, policy_actions, actions, args.alpha)
+            actor_optimizer.zero_grad()
+            actor_loss.backward(inputs=list(actor.parameters()))
+            actor_optimizer.step()
+            with torch.no_grad():
+                # One fused lerp over all parameters: target <- target + tau * (online - target).
+                torch._foreach_lerp_(target_parameters, online_parameters, args.tau)
+
+        if global_step % args.log_freq == 0:
+            # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
+            losses = {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item()}
+            if not np.isfinite(list(losses.values())).all():
+                last = {name: round(value, 6) for name, value in last_losses.items()}
+                fail(f"a loss became non-finite at gradient step {global_step} (checked every --log-freq steps): "
+                     f"{losses}; last finite losses: {last}. Try a lower --critic-lr and --actor-lr.")
+            last_losses = losses
+            for name, value in losses.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
+            writer.add_scalar("diagnostics/q_data", q1.mean().item(), global_step)
+            writer.add_scalar("diagnostics/target", targets.mean().item(), global_step)
+            writer.add_scalar("diagnostics/lambda", lmbda.item(), global_step)
+            writer.add_scalar("diagnostics/bc_mse", bc_term.item(), global_step)
+            writer.add_scalar("charts/SPS", global_step / (time.time() - start_time - eval_time), global_step)
+
+        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+            eval_start = time.time()
+            result = evaluate(actor, critic, env_id, args.eval_episodes, args.seed, args.gamma, device,
+                              run_dir / "videos" if args.capture_video else None, f"step{global_step}")
+            eval_time += time.time() - eval_start
+            mean_return = float(result["returns"].mean())
+            score = normalized_score(mean_return, metadata.get("reference_returns"))
+            evaluation = {
+                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
+                "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
+                "discounted_return_initial": float(result["discounted_returns"].mean()),
+            }
+            evaluations.append(evaluation)
+            writer.add_scalar("eval/episodic_return", mean_return, global_step)
+            if score is not None:
+                writer.add_scalar("eval/normalized_score", score, global_step)
+            for tag in ("q_initial", "discounted_return_initial"):
+                writer.add_scalar(f"diagnostics/{tag}", evaluation[tag], global_step)
+            sps = global_step / (time.time() - start_time - eval_time)
+            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
+                  f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
+                  f"{evaluation['discounted_return_initial']:.1f}  critic_loss {critic_loss.item():.3f}  "
+                  f"SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s", flush=True)
+
+    wall_time = time.time() - start_time
+    model_path = run_dir / f"{args.exp_name}.pt"
+    if args.save_model:
+        temporary = model_path.with_suffix(".pt.tmp")
+        torch.save(nn.ModuleDict({"actor": actor, "critic": critic}).state_dict(), temporary)
+        os.replace(temporary, model_path)
+        print(f"model saved to {model_path}")
+    summary = {
+        "args": asdict(args), "env_id": env_id, "dataset": args.dataset, "run_dir": str(run_dir),
+        "model_path": str(model_path) if args.save_model else None,
+        "final_returns": result["returns"].tolist(), "final_mean_return": mean_return,
+        "final_std_return": float(result["returns"].std()), "final_normalized_score": score,
+        "total_steps": args.total_steps, "wall_time_s": wall_time, "eval_time_s": eval_time,
+        "updates_per_second": args.total_steps / (wall_time - eval_time), "evaluations": evaluations,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    writer.close()
+    print(f"final return {mean_return:.1f} ± {result['returns'].std():.1f} over {args.eval_episodes} episodes; "
+          f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s.\nRun folder {run_dir} "
+          f"(summary.json, TensorBoard events: tensorboard --logdir runs)")
