@@ -7,7 +7,8 @@ torch.utils.flop_counter.FlopCounterMode, and reads the counter after every opti
 global optimizer hook. An update's FLOPs are those counted between the end of the first update and the end of
 the last one, divided by the updates in between, so the setup before the first update and the evaluation after
 the last one are left out (where updates differ in their optimizer steps, as TD3's delayed actor, from the first
-step to the last, within one actor step over the updates). It prints one JSON line: {"flops_per_update": ..., "optimizer_steps": ...}. FlopCounterMode counts the matrix
+step to the last, within one actor step over the updates). It prints one JSON line:
+{"flops_per_update": ..., "optimizer_steps": ...}. FlopCounterMode counts the matrix
 products (mm, addmm, bmm, baddbmm, convolutions), where nearly all of the arithmetic of these networks is.
 benchmark_speed.py uses it with our venv for our scripts and with the d3rlpy venv for results/d3rlpy_speed.py.
 """
@@ -42,8 +43,9 @@ with counter, contextlib.redirect_stdout(io.StringIO()):
 steps = len(counts_after_step)
 even = not args.uneven and args.updates >= 2 and steps % args.updates == 0
 if not (even or args.uneven and args.updates < steps < 2 * args.updates):
+    hint = "" if args.uneven else ", and --uneven where updates differ in their steps"
     raise SystemExit(f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the "
-                     f"script's step count{'' if args.uneven else ', and --uneven where updates differ in their steps'}")
+                     f"script's step count{hint}")
 if even:
     steps_per_update = steps // args.updates
     flops = (counts_after_step[-1] - counts_after_step[steps_per_update - 1]) / (args.updates - 1)

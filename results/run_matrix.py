@@ -14,7 +14,7 @@ results/matrix/<env>__<dataset>__<label>__<seed>/ (committed):
 and results/matrix/datasets.md describes the datasets (data_collection/describe_datasets.py). The full run
 folder (TensorBoard events, model) moves to results/matrix/runs/ and the script's output to
 results/matrix/logs/ (both git-ignored). A run counts as done when its run.json exists, so a run killed
-half-way (a session ending) starts again from the beginning next time, and finished runs are skipped.
+half-way (the machine stopping) starts again from the beginning next time, and finished runs are skipped.
 
 The datasets must exist (datasets/<env>/<dataset>.npz); the commands that build them are printed when one
 is missing, and listed in results/README.md.
@@ -46,7 +46,7 @@ MATRIX_DIR = ROOT / "results" / "matrix"
 DESCRIBE_DATASETS = ROOT / "data_collection" / "describe_datasets.py"
 
 # How each dataset is built (run from the repository root with the sb3 agents reachable, e.g.
-# HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-cache).
+# HF_HUB_OFFLINE=1 HF_HUB_CACHE=<a Hub cache holding them>).
 COLLECT = "python data_collection/collect_dataset.py"
 DATASET_COMMANDS = {
     ("LunarLander-v3", "random"): f"{COLLECT} --env-id LunarLander-v3 --policy random",
@@ -139,7 +139,7 @@ class Args:
     only: list[str] = field(default_factory=list)
     """run only the runs whose key (<env>__<dataset>__<label>__<seed>) contains one of these strings"""
     stop_within: Optional[float] = None
-    """minutes from now: start no run that is not expected to end by then (a session's end kills runs)"""
+    """minutes from now: start no run that is not expected to end by then (a machine that stops kills its runs)"""
     list: bool = False
     """print the runs, done or not, with their commands, and exit"""
     allow_dirty: bool = False
