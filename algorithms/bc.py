@@ -27,10 +27,12 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, NoReturn, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -73,6 +75,10 @@ class Args:
     """episodes per evaluation, run together in a vector env"""
     threads: int = 1
     """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the flags it was started with"""
+    clip_actions: bool = False
+    """clip dataset actions outside the env's bounds into them, instead of refusing the dataset"""
 
     # behaviour cloning
     learning_rate: float = 1e-3
@@ -91,29 +97,72 @@ class Args:
     """gradient steps between loss logs"""
 
 
-def fail(message: str) -> None:
-    """Stop with a message and exit status 1, without a traceback."""
-    raise SystemExit(f"error: {message}")
+def fail(message: str) -> NoReturn:
+    """Stop with one line on stderr and exit status 2, without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate_args(args: Args) -> None:
+    """Refuse flags that cannot make a run, before anything is written."""
+    for name in ("total_steps", "eval_freq", "eval_episodes", "threads", "batch_size", "hidden_dim", "num_layers",
+                 "log_freq"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        fail(f"--seed must be at least 0, got {args.seed}")
+    if not 0.0 < args.learning_rate < math.inf:
+        fail(f"--learning-rate must be positive, got {args.learning_rate}")
+    if not 0.0 <= args.gamma <= 1.0:
+        fail(f"--gamma must be in [0, 1], got {args.gamma}")
 
 
 # ------------------------------------------------------------------------------------------------- dataset
 def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Observations and actions as tensors on the device, so that a batch is one torch.randint and an index."""
+    """Observations and actions as tensors on the device, so that a batch is one torch.randint and an index.
+    Whatever is wrong with the file stops the run here, with one line that names it."""
     if not Path(path).is_file():
         env_id, policy = Path(path).parent.name or "LunarLander-v3", Path(path).stem
-        fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
-             f"--env-id {env_id} --policy {policy if policy in ('expert', 'noisy', 'random') else 'expert'} --output {path}")
-    with np.load(path, allow_pickle=False) as file:
-        arrays = {key: file[key] for key in file.files}
-    missing = {"observations", "actions", "metadata"} - set(arrays)
-    if missing:
-        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: it lacks {', '.join(sorted(missing))}")
-    discrete = arrays["actions"].ndim == 1 and np.issubdtype(arrays["actions"].dtype, np.integer)
+        fail(f"dataset {path} does not exist. Build it with:  " + (
+            f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
+            if policy in ("expert", "noisy", "random") else "the commands in results/README.md"))
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            arrays = {key: file[key] for key in file.files}
+        metadata = json.loads(str(arrays.pop("metadata")))
+    except Exception as error:  # numpy, zipfile, zlib and json each raise their own kind for a damaged file
+        text = str(error)
+        reason = ("an array holds Python objects" if "Object arrays" in text else "it is not a .npz file"
+                  if "pickled" in text else "it has no metadata" if isinstance(error, KeyError)
+                  else f"{type(error).__name__}: {text}")
+        fail(f"cannot read {path}: {reason}. Make datasets with data_collection/collect_dataset.py")
+    keys = ("observations", "actions")
+    missing = [key for key in keys if key not in arrays]
+    if missing or not isinstance(metadata, dict):
+        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: "
+             + (f"it lacks {', '.join(missing)}" if missing else "its metadata is not a JSON object"))
+    discrete = arrays["actions"].ndim == 1 and arrays["actions"].dtype.kind in "iu"
+    if not discrete and (arrays["actions"].ndim != 2 or arrays["actions"].dtype.kind != "f"):
+        fail(f"{path}: actions are {arrays['actions'].dtype} {arrays['actions'].shape}; expected integers [N] "
+             f"(Discrete) or floats [N, action_dim] (Box)")
+    shapes = {key: arrays[key].shape for key in keys}
+    n, obs_dim = shapes["observations"] if len(shapes["observations"]) == 2 else (0, 0)
+    expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "rewards": (n,), "terminations": (n,),
+                "actions": (n, *shapes["actions"][1:2])}
+    if n == 0 or any(shapes[key] != expected[key] for key in keys):
+        fail(f"{path}: the arrays' shapes {shapes} are not observations and next_observations [N, obs_dim], "
+             f"actions [N] or [N, action_dim], rewards and terminations [N], with N at least 1")
+    for key in keys:
+        if arrays[key].dtype.kind not in "fiub":  # terminations are booleans
+            fail(f"{path}: {key} have dtype {arrays[key].dtype}, not numbers")
+        if not np.isfinite(arrays[key]).all():
+            fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
+                 f"drop those transitions or collect the dataset again")
     data = {
         "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
         "actions": torch.tensor(arrays["actions"], dtype=torch.long if discrete else torch.float32, device=device),
     }
-    return data, json.loads(str(arrays["metadata"]))
+    return data, metadata
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -203,17 +252,87 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
     return 100.0 * (mean_return - reference_returns["random"]) / (reference_returns["expert"] - reference_returns["random"])
 
 
+# ------------------------------------------------------------------------------------------------- runs
+def make_run_dir(name: str) -> Path:
+    """A new folder runs/<name>: mkdir is atomic, so two runs started in the same second get a folder each."""
+    Path("runs").mkdir(exist_ok=True)
+    for attempt in range(1, 1000):
+        run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    fail(f"runs/{name} and 998 suffixed folders exist already; choose another --exp-name")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary name, then rename: a crash while writing leaves the previous file whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def rng_states() -> dict:
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def load_checkpoint(args: Args) -> tuple[Args, dict]:
+    """The checkpoint in the --resume folder, and the flags that run was started with."""
+    given = [f"--{field.name.replace('_', '-')}" for field in fields(Args)
+             if field.name != "resume" and getattr(args, field.name) != field.default]
+    if given:
+        fail(f"--resume continues a run with the flags it was started with; drop {' '.join(given)}")
+    path = Path(args.resume) / "checkpoint.pt"
+    if not path.is_file():
+        fail(f"{path} does not exist: --resume takes the run folder of a run that reached its first evaluation")
+    try:
+        checkpoint = torch.load(path, weights_only=True)
+        saved = Args(**{**checkpoint["args"], "resume": args.resume})
+    except Exception as error:  # torch, pickle and zipfile each raise their own kind for a damaged file
+        fail(f"cannot read {path} ({type(error).__name__}); give the run folder of a run of {Path(__file__).name}")
+    if checkpoint["step"] >= saved.total_steps:
+        fail(f"the run in {args.resume} has finished ({checkpoint['step']} steps); there is nothing to resume")
+    return saved, checkpoint
+
+
+stop_requested = False
+
+
+def stop_after_this_step(signum, frame) -> None:
+    """Ctrl-C: finish the update under way, so that the checkpoint holds a consistent state; a second one stops now."""
+    global stop_requested
+    stop_requested = True
+    print("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, stop_at_once)
+
+
+def stop_at_once(signum, frame) -> None:
+    print("interrupted: stopped without saving; the last checkpoint, if any, is kept", file=sys.stderr)
+    os._exit(130)
+
+
 # ------------------------------------------------------------------------------------------------- main
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_at_once)
     args = tyro.cli(Args, description=__doc__)
+    args, checkpoint = load_checkpoint(args) if args.resume else (args, None)
+    validate_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.total_steps < 1 or args.eval_freq < 1 or args.eval_episodes < 1:
-        fail("--total-steps, --eval-freq and --eval-episodes must be at least 1")
 
     data, metadata = load_dataset(args.dataset, device)
     env_id = args.env_id or metadata.get("env_id")
@@ -230,39 +349,52 @@ if __name__ == "__main__":
             fail(f"dataset {args.dataset} has discrete actions, env {env_id} has actions {action_space}")
         n_actions = metadata.get("action_space", {}).get("n", int(data["actions"].max()) + 1)
         if probe_env.observation_space.shape != (obs_dim,) or n_actions != int(action_space.n):
-            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {n_actions} actions, "
-                 f"env {env_id} has observation shape {probe_env.observation_space.shape} and {action_space.n} actions")
+            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {n_actions} "
+                 f"actions, env {env_id} has observation shape {probe_env.observation_space.shape} and "
+                 f"{action_space.n} actions")
+        if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
+            fail(f"{args.dataset}: actions range over {int(data['actions'].min())}..{int(data['actions'].max())}, "
+                 f"outside the env's 0..{n_actions - 1}")
         output_dim, low, high = int(action_space.n), None, None
     else:
         action_dim = data["actions"].shape[1]
         if not isinstance(action_space, gym.spaces.Box):
-            fail(f"dataset {args.dataset} has continuous actions of shape ({action_dim},), env {env_id} has actions {action_space}")
+            fail(f"dataset {args.dataset} has continuous actions of shape ({action_dim},), env {env_id} has "
+                 f"actions {action_space}")
         data_space = metadata.get("action_space", {})
-        data_low, data_high = data_space.get("low", action_space.low.tolist()), data_space.get("high", action_space.high.tolist())
+        data_low = data_space.get("low", action_space.low.tolist())
+        data_high = data_space.get("high", action_space.high.tolist())
         if (probe_env.observation_space.shape != (obs_dim,) or action_space.shape != (action_dim,)
                 or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
-            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape ({action_dim},) "
-                 f"in [{data_low}, {data_high}], env {env_id} has observation shape {probe_env.observation_space.shape} and "
-                 f"actions of shape {action_space.shape} in [{action_space.low.tolist()}, {action_space.high.tolist()}]")
+            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+                 f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+                 f"{probe_env.observation_space.shape} and actions of shape {action_space.shape} in "
+                 f"[{action_space.low.tolist()}, {action_space.high.tolist()}]")
         if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
             fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
         low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
         high = torch.tensor(action_space.high, dtype=torch.float32, device=device)
+        data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
+        if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
+            fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
+                 f"bounds [{action_space.low.tolist()}, {action_space.high.tolist()}]; --clip-actions clips them")
         data["actions"] = (2.0 * (data["actions"] - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
         output_dim = 2 * action_dim if args.box_loss == "gaussian" else action_dim
     probe_env.close()
 
-    run_name = f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
+    run_dir = Path(args.resume) if checkpoint else make_run_dir(
+        f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+                   config=vars(args), name=run_dir.name, save_code=True)
+    # purge_step drops what an interrupted run logged after its checkpoint, so a resumed curve has no doubles.
+    writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     policy = Policy(obs_dim, output_dim, args.hidden_dim, args.num_layers).to(device)
     policy.obs_mean.copy_(data["observations"].mean(dim=0))
@@ -270,10 +402,20 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     gaussian = not discrete and args.box_loss == "gaussian"
     num_transitions = len(data["actions"])
-    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
+    state = {"policy": policy, "optimizer": optimizer}  # all that a checkpoint holds, besides the RNGs
+    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    if checkpoint:
+        for name, part in state.items():
+            part.load_state_dict(checkpoint["state"][name])
+        set_rng_states(checkpoint["rng"])
+        first_step, evaluations = checkpoint["step"] + 1, checkpoint["evaluations"]
+        eval_time, wall_time = checkpoint["eval_time_s"], checkpoint["wall_time_s"]
+    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
+          f"run folder {run_dir}" + (f" (resumed after step {first_step - 1})" if checkpoint else ""))
 
-    start_time, eval_time, evaluations, last_loss = time.time(), 0.0, [], "none yet"
-    for global_step in range(1, args.total_steps + 1):
+    start_time, last_loss = time.time() - wall_time, "none yet"
+    signal.signal(signal.SIGINT, stop_after_this_step)
+    for global_step in range(first_step, args.total_steps + 1):
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions = data["observations"][indices], data["actions"][indices]
         output = policy(observations)
@@ -309,32 +451,45 @@ if __name__ == "__main__":
             evaluations.append({
                 "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
                 "normalized_score": score, "discounted_return_initial": float(result["discounted_returns"].mean()),
+                "returns": result["returns"].tolist(),
             })
             writer.add_scalar("eval/episodic_return", mean_return, global_step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"],
+                              global_step)
             sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
                   f"bc_loss {loss.item():.4f}  SPS {sps:.0f}", flush=True)
+        if evaluations and evaluations[-1]["step"] == global_step or stop_requested:
+            wall_time = time.time() - start_time
+            checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
+                          "state": {name: part.state_dict() for name, part in state.items()},
+                          "wall_time_s": wall_time, "eval_time_s": eval_time}
+            write_atomically(run_dir / "checkpoint.pt", lambda path: torch.save(checkpoint, path))
+        if stop_requested:
+            break
 
-    wall_time = time.time() - start_time
     model_path = run_dir / f"{args.exp_name}.pt"
     if args.save_model:
-        temporary = model_path.with_suffix(".pt.tmp")
-        torch.save(policy.state_dict(), temporary)
-        os.replace(temporary, model_path)
+        write_atomically(model_path, lambda path: torch.save(policy.state_dict(), path))
         print(f"model saved to {model_path}")
+    final = evaluations[-1] if evaluations else {}
     summary = {
-        "args": asdict(args), "env_id": env_id, "dataset": args.dataset, "run_dir": str(run_dir),
-        "model_path": str(model_path) if args.save_model else None,
-        "final_returns": result["returns"].tolist(), "final_mean_return": mean_return,
-        "final_std_return": float(result["returns"].std()), "final_normalized_score": score,
-        "total_steps": args.total_steps, "wall_time_s": wall_time, "eval_time_s": eval_time,
-        "updates_per_second": args.total_steps / (wall_time - eval_time), "evaluations": evaluations,
+        "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
+        "dataset": args.dataset, "run_dir": str(run_dir), "model_path": str(model_path) if args.save_model else None,
+        "final_returns": final.get("returns"), "final_mean_return": final.get("mean_return"),
+        "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
+        "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
+        "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
+        "evaluations": evaluations,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     writer.close()
-    print(f"final return {mean_return:.1f} ± {result['returns'].std():.1f} over {args.eval_episodes} episodes; "
+    if stop_requested:
+        print(f"interrupted after step {global_step} of {args.total_steps}; continue with:  python "
+              f"{sys.argv[0]} --resume {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    print(f"final return {final['mean_return']:.1f} ± {final['std_return']:.1f} over {args.eval_episodes} episodes; "
           f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s.\nRun folder {run_dir} "
           f"(summary.json, TensorBoard events: tensorboard --logdir runs)")

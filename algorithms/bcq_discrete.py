@@ -32,12 +32,15 @@ copy every 8000 steps differ from the author's code too, but neither causes or c
 """
 
 import json
+import math
 import os
 import random
+import signal
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NoReturn, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -80,6 +83,8 @@ class Args:
     """episodes per evaluation, run together in a vector env"""
     threads: int = 1
     """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the flags it was started with"""
 
     # discrete BCQ
     learning_rate: float = 3e-4
@@ -102,26 +107,71 @@ class Args:
     """gradient steps between loss logs"""
 
 
-def fail(message: str) -> None:
-    """Stop with a message and exit status 1, without a traceback."""
-    raise SystemExit(f"error: {message}")
+def fail(message: str) -> NoReturn:
+    """Stop with one line on stderr and exit status 2, without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate_args(args: Args) -> None:
+    """Refuse flags that cannot make a run, before anything is written."""
+    for name in ("total_steps", "eval_freq", "eval_episodes", "threads", "batch_size", "hidden_dim", "log_freq"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        fail(f"--seed must be at least 0, got {args.seed}")
+    if not 0.0 < args.learning_rate < math.inf:
+        fail(f"--learning-rate must be positive, got {args.learning_rate}")
+    if not 0.0 <= args.gamma <= 1.0:
+        fail(f"--gamma must be in [0, 1], got {args.gamma}")
+    if not 0.0 < args.tau <= 1.0:
+        fail(f"--tau must be in (0, 1], got {args.tau}")
+    if not 0.0 <= args.threshold <= 1.0:
+        fail(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not 0.0 <= args.logit_penalty < math.inf:
+        fail(f"--logit-penalty must be at least 0, got {args.logit_penalty}")
 
 
 # ------------------------------------------------------------------------------------------------- dataset
 def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """The whole dataset as tensors on the device, so that a batch is one torch.randint and an index."""
+    """The whole dataset as tensors on the device, so that a batch is one torch.randint and an index.
+    Whatever is wrong with the file stops the run here, with one line that names it."""
     if not Path(path).is_file():
         env_id, policy = Path(path).parent.name or "LunarLander-v3", Path(path).stem
-        fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
-             f"--env-id {env_id} --policy {policy if policy in ('expert', 'noisy', 'random') else 'expert'} --output {path}")
-    with np.load(path, allow_pickle=False) as file:
-        arrays = {key: file[key] for key in file.files}
-    missing = {"observations", "actions", "rewards", "next_observations", "terminations", "metadata"} - set(arrays)
-    if missing:
-        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: it lacks {', '.join(sorted(missing))}")
-    if arrays["actions"].ndim != 1 or not np.issubdtype(arrays["actions"].dtype, np.integer):
+        fail(f"dataset {path} does not exist. Build it with:  " + (
+            f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
+            if policy in ("expert", "noisy", "random") else "the commands in results/README.md"))
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            arrays = {key: file[key] for key in file.files}
+        metadata = json.loads(str(arrays.pop("metadata")))
+    except Exception as error:  # numpy, zipfile, zlib and json each raise their own kind for a damaged file
+        text = str(error)
+        reason = ("an array holds Python objects" if "Object arrays" in text else "it is not a .npz file"
+                  if "pickled" in text else "it has no metadata" if isinstance(error, KeyError)
+                  else f"{type(error).__name__}: {text}")
+        fail(f"cannot read {path}: {reason}. Make datasets with data_collection/collect_dataset.py")
+    keys = ("observations", "next_observations", "actions", "rewards", "terminations")
+    missing = [key for key in keys if key not in arrays]
+    if missing or not isinstance(metadata, dict):
+        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: "
+             + (f"it lacks {', '.join(missing)}" if missing else "its metadata is not a JSON object"))
+    if arrays["actions"].ndim != 1 or arrays["actions"].dtype.kind not in "iu":
         fail(f"{path} has continuous (Box) actions of shape {arrays['actions'].shape[1:]}; this script needs "
              f"discrete actions: use algorithms/cql_sac_continuous.py or algorithms/bcq_continuous.py")
+    shapes = {key: arrays[key].shape for key in keys}
+    n, obs_dim = shapes["observations"] if len(shapes["observations"]) == 2 else (0, 0)
+    expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "rewards": (n,), "terminations": (n,),
+                "actions": (n, *shapes["actions"][1:2])}
+    if n == 0 or any(shapes[key] != expected[key] for key in keys):
+        fail(f"{path}: the arrays' shapes {shapes} are not observations and next_observations [N, obs_dim], "
+             f"actions [N] or [N, action_dim], rewards and terminations [N], with N at least 1")
+    for key in keys:
+        if arrays[key].dtype.kind not in "fiub":  # terminations are booleans
+            fail(f"{path}: {key} have dtype {arrays[key].dtype}, not numbers")
+        if not np.isfinite(arrays[key]).all():
+            fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
+                 f"drop those transitions or collect the dataset again")
     data = {
         "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
         "actions": torch.tensor(arrays["actions"], dtype=torch.long, device=device),
@@ -130,7 +180,7 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
         # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
         "terminations": torch.tensor(arrays["terminations"], dtype=torch.float32, device=device),
     }
-    return data, json.loads(str(arrays["metadata"]))
+    return data, metadata
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -221,9 +271,81 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
     return 100.0 * (mean_return - reference_returns["random"]) / (reference_returns["expert"] - reference_returns["random"])
 
 
+# ------------------------------------------------------------------------------------------------- runs
+def make_run_dir(name: str) -> Path:
+    """A new folder runs/<name>: mkdir is atomic, so two runs started in the same second get a folder each."""
+    Path("runs").mkdir(exist_ok=True)
+    for attempt in range(1, 1000):
+        run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    fail(f"runs/{name} and 998 suffixed folders exist already; choose another --exp-name")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary name, then rename: a crash while writing leaves the previous file whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def rng_states() -> dict:
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def load_checkpoint(args: Args) -> tuple[Args, dict]:
+    """The checkpoint in the --resume folder, and the flags that run was started with."""
+    given = [f"--{field.name.replace('_', '-')}" for field in fields(Args)
+             if field.name != "resume" and getattr(args, field.name) != field.default]
+    if given:
+        fail(f"--resume continues a run with the flags it was started with; drop {' '.join(given)}")
+    path = Path(args.resume) / "checkpoint.pt"
+    if not path.is_file():
+        fail(f"{path} does not exist: --resume takes the run folder of a run that reached its first evaluation")
+    try:
+        checkpoint = torch.load(path, weights_only=True)
+        saved = Args(**{**checkpoint["args"], "resume": args.resume})
+    except Exception as error:  # torch, pickle and zipfile each raise their own kind for a damaged file
+        fail(f"cannot read {path} ({type(error).__name__}); give the run folder of a run of {Path(__file__).name}")
+    if checkpoint["step"] >= saved.total_steps:
+        fail(f"the run in {args.resume} has finished ({checkpoint['step']} steps); there is nothing to resume")
+    return saved, checkpoint
+
+
+stop_requested = False
+
+
+def stop_after_this_step(signum, frame) -> None:
+    """Ctrl-C: finish the update under way, so that the checkpoint holds a consistent state; a second one stops now."""
+    global stop_requested
+    stop_requested = True
+    print("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, stop_at_once)
+
+
+def stop_at_once(signum, frame) -> None:
+    print("interrupted: stopped without saving; the last checkpoint, if any, is kept", file=sys.stderr)
+    os._exit(130)
+
+
 # ------------------------------------------------------------------------------------------------- main
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_at_once)
     args = tyro.cli(Args, description=__doc__)
+    args, checkpoint = load_checkpoint(args) if args.resume else (args, None)
+    validate_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -231,8 +353,6 @@ if __name__ == "__main__":
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    if args.total_steps < 1 or args.eval_freq < 1 or args.eval_episodes < 1:
-        fail("--total-steps, --eval-freq and --eval-episodes must be at least 1")
     data, metadata = load_dataset(args.dataset, device)
     env_id = args.env_id or metadata.get("env_id")
     if env_id is None:
@@ -246,31 +366,47 @@ if __name__ == "__main__":
     obs_dim, n_actions = data["observations"].shape[1], int(probe_env.action_space.n)
     dataset_actions = metadata.get("action_space", {}).get("n", int(data["actions"].max()) + 1)
     if probe_env.observation_space.shape != (obs_dim,) or dataset_actions != n_actions:
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {dataset_actions} actions, "
-             f"env {env_id} has observation shape {probe_env.observation_space.shape} and {n_actions} actions")
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {dataset_actions} "
+             f"actions, env {env_id} has observation shape {probe_env.observation_space.shape} and {n_actions} actions")
+    if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
+        fail(f"{args.dataset}: actions range over {int(data['actions'].min())}..{int(data['actions'].max())}, "
+             f"outside the env's 0..{n_actions - 1}")
     probe_env.close()
 
-    run_name = f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
+    run_dir = Path(args.resume) if checkpoint else make_run_dir(
+        f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+                   config=vars(args), name=run_dir.name, save_code=True)
+    # purge_step drops what an interrupted run logged after its checkpoint, so a resumed curve has no doubles.
+    writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
     target_network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
     target_network.load_state_dict(network.state_dict())
     optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, fused=True)
     num_transitions = len(data["rewards"])
-    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, run folder {run_dir}")
+    # All that a checkpoint holds, besides the RNGs: the Polyak-averaged target network too.
+    state = {"network": network, "target_network": target_network, "optimizer": optimizer}
+    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    if checkpoint:
+        for name, part in state.items():
+            part.load_state_dict(checkpoint["state"][name])
+        set_rng_states(checkpoint["rng"])
+        first_step, evaluations = checkpoint["step"] + 1, checkpoint["evaluations"]
+        eval_time, wall_time = checkpoint["eval_time_s"], checkpoint["wall_time_s"]
+    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
+          f"run folder {run_dir}" + (f", resumed after step {first_step - 1}" if checkpoint else ""))
 
-    start_time, eval_time, evaluations, last_losses = time.time(), 0.0, [], {}
-    for global_step in range(1, args.total_steps + 1):
+    start_time, last_losses = time.time() - wall_time, {}
+    signal.signal(signal.SIGINT, stop_after_this_step)
+    for global_step in range(first_step, args.total_steps + 1):
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions = data["observations"][indices], data["actions"][indices]
         rewards, next_observations = data["rewards"][indices], data["next_observations"][indices]
@@ -295,11 +431,11 @@ if __name__ == "__main__":
 
         if global_step % args.log_freq == 0:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
-            losses = {"td_loss": td_loss.item(), "imitation_loss": imitation_loss.item(), "logit_loss": logit_loss.item(),
-                      "loss": loss.item()}
+            losses = {"td_loss": td_loss.item(), "imitation_loss": imitation_loss.item(),
+                      "logit_loss": logit_loss.item(), "loss": loss.item()}
             if not np.isfinite(losses["loss"]):
-                fail(f"the loss became {losses['loss']} at gradient step {global_step} (checked every --log-freq steps); "
-                     f"last finite losses: { {name: round(value, 6) for name, value in last_losses.items()} }. "
+                fail(f"the loss became {losses['loss']} at gradient step {global_step} (checked every --log-freq "
+                     f"steps); last finite losses: { {name: round(value, 6) for name, value in last_losses.items()} }. "
                      f"Try a lower --learning-rate.")
             last_losses = losses
             for name, value in losses.items():
@@ -321,34 +457,48 @@ if __name__ == "__main__":
                 "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
                 "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
                 "discounted_return_initial": float(result["discounted_returns"].mean()),
+                "returns": result["returns"].tolist(),
             })
             writer.add_scalar("eval/episodic_return", mean_return, global_step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, global_step)
             writer.add_scalar("diagnostics/q_initial", evaluations[-1]["q_initial"], global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"],
+                              global_step)
             sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
-                  f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return {evaluations[-1]['discounted_return_initial']:.1f}  "
+                  f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return "
+                  f"{evaluations[-1]['discounted_return_initial']:.1f}  "
                   f"td_loss {td_loss.item():.3f}  SPS {sps:.0f}", flush=True)
+        if evaluations and evaluations[-1]["step"] == global_step or stop_requested:
+            wall_time = time.time() - start_time
+            checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
+                          "state": {name: part.state_dict() for name, part in state.items()},
+                          "wall_time_s": wall_time, "eval_time_s": eval_time}
+            write_atomically(run_dir / "checkpoint.pt", lambda path: torch.save(checkpoint, path))
+        if stop_requested:
+            break
 
-    wall_time = time.time() - start_time
     model_path = run_dir / f"{args.exp_name}.pt"
     if args.save_model:
-        temporary = model_path.with_suffix(".pt.tmp")
-        torch.save(network.state_dict(), temporary)
-        os.replace(temporary, model_path)
+        write_atomically(model_path, lambda path: torch.save(network.state_dict(), path))
         print(f"model saved to {model_path}")
+    final = evaluations[-1] if evaluations else {}
     summary = {
-        "args": asdict(args), "env_id": env_id, "dataset": args.dataset, "run_dir": str(run_dir),
-        "model_path": str(model_path) if args.save_model else None,
-        "final_returns": result["returns"].tolist(), "final_mean_return": mean_return,
-        "final_std_return": float(result["returns"].std()), "final_normalized_score": score,
-        "total_steps": args.total_steps, "wall_time_s": wall_time, "eval_time_s": eval_time,
-        "updates_per_second": args.total_steps / (wall_time - eval_time), "evaluations": evaluations,
+        "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
+        "dataset": args.dataset, "run_dir": str(run_dir), "model_path": str(model_path) if args.save_model else None,
+        "final_returns": final.get("returns"), "final_mean_return": final.get("mean_return"),
+        "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
+        "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
+        "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
+        "evaluations": evaluations,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     writer.close()
-    print(f"final return {mean_return:.1f} ± {result['returns'].std():.1f} over {args.eval_episodes} episodes; "
+    if stop_requested:
+        print(f"interrupted after step {global_step} of {args.total_steps}; continue with:  python "
+              f"{sys.argv[0]} --resume {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    print(f"final return {final['mean_return']:.1f} ± {final['std_return']:.1f} over {args.eval_episodes} episodes; "
           f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s.\nRun folder {run_dir} "
           f"(summary.json, TensorBoard events: tensorboard --logdir runs)")

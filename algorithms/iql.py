@@ -25,10 +25,12 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NoReturn, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -71,6 +73,10 @@ class Args:
     """episodes per evaluation, run together in a vector env"""
     threads: int = 1
     """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the flags it was started with"""
+    clip_actions: bool = False
+    """clip dataset actions outside the env's bounds into them, instead of refusing the dataset"""
 
     # IQL
     learning_rate: float = 3e-4
@@ -97,32 +103,80 @@ class Args:
     """gradient steps between loss logs"""
 
 
-def fail(message: str) -> None:
-    """Stop with a message and exit status 1, without a traceback."""
-    raise SystemExit(f"error: {message}")
+def fail(message: str) -> NoReturn:
+    """Stop with one line on stderr and exit status 2, without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate_args(args: Args) -> None:
+    """Refuse flags that cannot make a run, before anything is written."""
+    for name in ("total_steps", "eval_freq", "eval_episodes", "threads", "batch_size", "hidden_dim", "log_freq"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        fail(f"--seed must be at least 0, got {args.seed}")
+    if not 0.0 < args.learning_rate < math.inf:
+        fail(f"--learning-rate must be positive, got {args.learning_rate}")
+    if not 0.0 <= args.gamma <= 1.0:
+        fail(f"--gamma must be in [0, 1], got {args.gamma}")
+    if not 0.0 < args.tau <= 1.0:
+        fail(f"--tau must be in (0, 1], got {args.tau}")
+    if not 0.0 < args.expectile < 1.0:
+        fail(f"--expectile must be in (0, 1), got {args.expectile}")
+    if not args.beta >= 0.0:  # 0 is behaviour cloning
+        fail(f"--beta must be at least 0, got {args.beta}")
+    if not args.max_weight > 0.0:
+        fail(f"--max-weight must be positive, got {args.max_weight}")
 
 
 # ------------------------------------------------------------------------------------------------- dataset
 def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict, np.ndarray]:
-    """The dataset as tensors on the device (a batch is one torch.randint and an index), metadata, episode returns."""
+    """The dataset as tensors on the device (a batch is one torch.randint and an index), metadata, episode returns.
+    Whatever is wrong with the file stops the run here, with one line that names it."""
     if not Path(path).is_file():
         env_id, policy = Path(path).parent.name or "Hopper-v5", Path(path).stem
-        policy = policy if policy in ("expert", "noisy", "random") else "expert"
-        fail(f"dataset {path} does not exist. Build it with:\n  python data_collection/collect_dataset.py "
-             f"--env-id {env_id} --policy {policy} --output {path}")
-    with np.load(path, allow_pickle=False) as file:
-        arrays = {key: file[key] for key in file.files}
-    missing = {"observations", "actions", "rewards", "next_observations", "terminations", "metadata"} - set(arrays)
-    if missing:
-        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: it lacks {', '.join(sorted(missing))}")
-    discrete = arrays["actions"].ndim == 1 and np.issubdtype(arrays["actions"].dtype, np.integer)
-    if not discrete and arrays["actions"].ndim != 2:
-        fail(f"{path} has actions of shape {arrays['actions'].shape}: expected [transitions] or [transitions, act_dim]")
+        fail(f"dataset {path} does not exist. Build it with:  " + (
+            f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
+            if policy in ("expert", "noisy", "random") else "the commands in results/README.md"))
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            arrays = {key: file[key] for key in file.files}
+        metadata = json.loads(str(arrays.pop("metadata")))
+    except Exception as error:  # numpy, zipfile, zlib and json each raise their own kind for a damaged file
+        text = str(error)
+        reason = ("an array holds Python objects" if "Object arrays" in text else "it is not a .npz file"
+                  if "pickled" in text else "it has no metadata" if isinstance(error, KeyError)
+                  else f"{type(error).__name__}: {text}")
+        fail(f"cannot read {path}: {reason}. Make datasets with data_collection/collect_dataset.py")
+    keys = ("observations", "actions", "rewards", "next_observations", "terminations")
+    missing = [key for key in keys if key not in arrays]
+    if missing or not isinstance(metadata, dict):
+        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: "
+             + (f"it lacks {', '.join(missing)}" if missing else "its metadata is not a JSON object"))
+    discrete = arrays["actions"].ndim == 1 and arrays["actions"].dtype.kind in "iu"
+    if not discrete and (arrays["actions"].ndim != 2 or arrays["actions"].dtype.kind != "f"):
+        fail(f"{path}: actions are {arrays['actions'].dtype} {arrays['actions'].shape}; expected integers [N] "
+             f"(Discrete) or floats [N, action_dim] (Box)")
+    shapes = {key: arrays[key].shape for key in keys}
+    n, obs_dim = shapes["observations"] if len(shapes["observations"]) == 2 else (0, 0)
+    expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "rewards": (n,), "terminations": (n,),
+                "actions": (n, *shapes["actions"][1:2])}
+    if n == 0 or any(shapes[key] != expected[key] for key in keys):
+        fail(f"{path}: the arrays' shapes {shapes} are not observations and next_observations [N, obs_dim], "
+             f"actions [N] or [N, action_dim], rewards and terminations [N], with N at least 1")
+    arrays.setdefault("episode_returns", np.zeros(0))  # optional: they set the reward scale
+    for key in (*keys, "episode_returns"):
+        if arrays[key].dtype.kind not in "fiub":  # terminations are booleans
+            fail(f"{path}: {key} have dtype {arrays[key].dtype}, not numbers")
+        if not np.isfinite(arrays[key]).all():
+            fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
+                 f"drop those transitions or collect the dataset again")
     # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
     data = {key: torch.tensor(arrays[key], dtype=torch.float32, device=device)
             for key in ("observations", "rewards", "next_observations", "terminations")}
     data["actions"] = torch.tensor(arrays["actions"], dtype=torch.long if discrete else torch.float32, device=device)
-    return data, json.loads(str(arrays["metadata"])), arrays.get("episode_returns", np.zeros(0))
+    return data, metadata, arrays["episode_returns"]
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -237,19 +291,87 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
     return 100.0 * (mean_return - low) / (high - low)
 
 
+# ------------------------------------------------------------------------------------------------- runs
+def make_run_dir(name: str) -> Path:
+    """A new folder runs/<name>: mkdir is atomic, so two runs started in the same second get a folder each."""
+    Path("runs").mkdir(exist_ok=True)
+    for attempt in range(1, 1000):
+        run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    fail(f"runs/{name} and 998 suffixed folders exist already; choose another --exp-name")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary name, then rename: a crash while writing leaves the previous file whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def rng_states() -> dict:
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def load_checkpoint(args: Args) -> tuple[Args, dict]:
+    """The checkpoint in the --resume folder, and the flags that run was started with."""
+    given = [f"--{field.name.replace('_', '-')}" for field in fields(Args)
+             if field.name != "resume" and getattr(args, field.name) != field.default]
+    if given:
+        fail(f"--resume continues a run with the flags it was started with; drop {' '.join(given)}")
+    path = Path(args.resume) / "checkpoint.pt"
+    if not path.is_file():
+        fail(f"{path} does not exist: --resume takes the run folder of a run that reached its first evaluation")
+    try:
+        checkpoint = torch.load(path, weights_only=True)
+        saved = Args(**{**checkpoint["args"], "resume": args.resume})
+    except Exception as error:  # torch, pickle and zipfile each raise their own kind for a damaged file
+        fail(f"cannot read {path} ({type(error).__name__}); give the run folder of a run of {Path(__file__).name}")
+    if checkpoint["step"] >= saved.total_steps:
+        fail(f"the run in {args.resume} has finished ({checkpoint['step']} steps); there is nothing to resume")
+    return saved, checkpoint
+
+
+stop_requested = False
+
+
+def stop_after_this_step(signum, frame) -> None:
+    """Ctrl-C: finish the update under way, so that the checkpoint holds a consistent state; a second one stops now."""
+    global stop_requested
+    stop_requested = True
+    print("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, stop_at_once)
+
+
+def stop_at_once(signum, frame) -> None:
+    print("interrupted: stopped without saving; the last checkpoint, if any, is kept", file=sys.stderr)
+    os._exit(130)
+
+
 # ------------------------------------------------------------------------------------------------- main
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_at_once)
     args = tyro.cli(Args, description=__doc__)
+    args, checkpoint = load_checkpoint(args) if args.resume else (args, None)
+    validate_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if min(args.total_steps, args.eval_freq, args.eval_episodes, args.batch_size, args.log_freq) < 1:
-        fail("--total-steps, --eval-freq, --eval-episodes, --batch-size and --log-freq must be at least 1")
-    if not 0.0 < args.expectile < 1.0:
-        fail(f"--expectile {args.expectile} must lie strictly between 0 and 1")
 
     data, metadata, episode_returns = load_dataset(args.dataset, device)
     env_id = args.env_id or metadata.get("env_id")
@@ -274,18 +396,28 @@ if __name__ == "__main__":
              f"env {env_id} has observation shape {probe_env.observation_space.shape} and actions {space}")
     if not discrete and not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
         fail(f"{env_id} has unbounded actions {space}; the actor's tanh needs finite bounds")
+    if discrete and (data["actions"].min() < 0 or data["actions"].max() >= n_actions):
+        fail(f"{args.dataset}: actions range over {data['actions'].min().item()}..{data['actions'].max().item()}, "
+             f"outside the env's 0..{n_actions - 1}")
+    if not discrete:
+        low, high = (torch.tensor(bound, dtype=torch.float32, device=device) for bound in (space.low, space.high))
+        data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
+        if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
+            fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
+                 f"bounds [{space.low.tolist()}, {space.high.tolist()}]; --clip-actions clips them")
     probe_env.close()
 
-    run_name = f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
+    run_dir = Path(args.resume) if checkpoint else make_run_dir(
+        f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs wandb: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
+                   config=vars(args), name=run_dir.name, save_code=True)
+    # purge_step drops what an interrupted run logged after its checkpoint, so a resumed curve has no doubles.
+    writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
@@ -295,11 +427,11 @@ if __name__ == "__main__":
     if args.normalize_observations:
         actor.obs_mean.copy_(data["observations"].mean(dim=0))
         actor.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
-    # Standardised once here, so an update spends nothing on it; the clamp covers actions a hair outside the bounds.
+    # Standardised once here, so an update spends nothing on it; the clamp covers actions a hair outside the bounds
+    # (and those --clip-actions lets through).
     data["observations"] = actor.normalize(data["observations"])
     data["next_observations"] = actor.normalize(data["next_observations"])
     if not discrete:
-        low, high = (torch.tensor(bound, dtype=torch.float32, device=device) for bound in (space.low, space.high))
         data["actions"] = (2.0 * (data["actions"] - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
     return_range = float(np.ptp(episode_returns)) if args.normalize_rewards and len(episode_returns) > 1 else 0.0
     reward_scale = 1000.0 / return_range if return_range > 0 else 1.0
@@ -312,11 +444,23 @@ if __name__ == "__main__":
     decay = [lambda step: 0.5 * (1.0 + math.cos(math.pi * step / args.total_steps)), lambda _: 1.0, lambda _: 1.0]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     num_transitions = len(data["rewards"])
+    # All that a checkpoint holds, besides the RNGs; the reward scale follows from the dataset.
+    state = {"actor": actor, "critic": critic, "target_critic": target_critic, "value": value,
+             "optimizer": optimizer, "schedule": schedule}
+    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    if checkpoint:
+        for name, part in state.items():
+            part.load_state_dict(checkpoint["state"][name])
+        set_rng_states(checkpoint["rng"])
+        first_step, evaluations = checkpoint["step"] + 1, checkpoint["evaluations"]
+        eval_time, wall_time = checkpoint["eval_time_s"], checkpoint["wall_time_s"]
+    resumed = f", resumed after step {first_step - 1}" if checkpoint else ""
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset} (rewards x {reward_scale:.4g}), "
-          f"evaluating on {env_id}, run folder {run_dir}")
+          f"evaluating on {env_id}, run folder {run_dir}{resumed}")
 
-    start_time, eval_time, evaluations, last_losses = time.time(), 0.0, [], {}
-    for global_step in range(1, args.total_steps + 1):
+    start_time, last_losses = time.time() - wall_time, {}
+    signal.signal(signal.SIGINT, stop_after_this_step)
+    for global_step in range(first_step, args.total_steps + 1):
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions, rewards = (data[key][indices] for key in ("observations", "actions", "rewards"))
         next_observations, terminations = data["next_observations"][indices], data["terminations"][indices]
@@ -365,6 +509,7 @@ if __name__ == "__main__":
                 "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
                 "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
                 "discounted_return_initial": float(result["discounted_returns"].mean()),
+                "returns": result["returns"].tolist(),
             }
             evaluations.append(evaluation)
             writer.add_scalar("eval/episodic_return", mean_return, global_step)
@@ -376,24 +521,37 @@ if __name__ == "__main__":
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  SPS {sps:.0f}", flush=True)
+        if evaluations and evaluations[-1]["step"] == global_step or stop_requested:
+            wall_time = time.time() - start_time
+            checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
+                          "state": {name: part.state_dict() for name, part in state.items()},
+                          "wall_time_s": wall_time, "eval_time_s": eval_time}
+            write_atomically(run_dir / "checkpoint.pt", lambda path: torch.save(checkpoint, path))
+        if stop_requested:
+            break
 
-    wall_time = time.time() - start_time
     model_path = run_dir / f"{args.exp_name}.pt"
     if args.save_model:
-        temporary = model_path.with_suffix(".pt.tmp")
-        torch.save(nn.ModuleDict({"actor": actor, "critic": critic, "value": value}).state_dict(), temporary)
-        os.replace(temporary, model_path)
+        model = nn.ModuleDict({"actor": actor, "critic": critic, "value": value})
+        write_atomically(model_path, lambda path: torch.save(model.state_dict(), path))
         print(f"model saved to {model_path}")
+    final = evaluations[-1] if evaluations else {}
     summary = {
-        "args": asdict(args), "env_id": env_id, "dataset": args.dataset, "run_dir": str(run_dir),
-        "model_path": str(model_path) if args.save_model else None, "reward_scale": reward_scale,
-        "final_returns": result["returns"].tolist(), "final_mean_return": mean_return,
-        "final_std_return": float(result["returns"].std()), "final_normalized_score": score,
-        "total_steps": args.total_steps, "wall_time_s": wall_time, "eval_time_s": eval_time,
-        "updates_per_second": args.total_steps / (wall_time - eval_time), "evaluations": evaluations,
+        "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
+        "dataset": args.dataset, "run_dir": str(run_dir), "model_path": str(model_path) if args.save_model else None,
+        "reward_scale": reward_scale,
+        "final_returns": final.get("returns"), "final_mean_return": final.get("mean_return"),
+        "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
+        "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
+        "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
+        "evaluations": evaluations,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     writer.close()
-    print(f"final return {mean_return:.1f} ± {result['returns'].std():.1f} over {args.eval_episodes} episodes; "
+    if stop_requested:
+        print(f"interrupted after step {global_step} of {args.total_steps}; continue with:  python "
+              f"{sys.argv[0]} --resume {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    print(f"final return {final['mean_return']:.1f} ± {final['std_return']:.1f} over {args.eval_episodes} episodes; "
           f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s.\nRun folder {run_dir} "
           f"(summary.json, TensorBoard events: tensorboard --logdir runs)")

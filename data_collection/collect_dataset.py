@@ -259,6 +259,32 @@ def space_from_zip(zip_path: Path, key: str) -> dict[str, Any]:
     return {"type": kind}
 
 
+def policy_module(zip_path: Path) -> Optional[str]:
+    """The module of the agent's policy class, from the readable text beside its pickle (never unpickled: that
+    could run code); None when the zip does not say."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            module = json.loads(archive.read("data"))["policy_class"]["__module__"]
+    except (zipfile.BadZipFile, KeyError, TypeError, ValueError):
+        return None
+    return module if isinstance(module, str) else None
+
+
+def check_agent_algo(zip_path: Path, source: AgentSource, classes: dict[str, type]) -> None:
+    """Fail if the zip's policy class belongs to other algorithms than source.algo; say nothing if it is unknown.
+
+    A policy module can serve several algorithms (PPO, A2C and TRPO share ActorCriticPolicy): any of them passes.
+    """
+    module = policy_module(zip_path)
+    algos = [algo for algo, cls in classes.items()
+             if module in {policy.__module__ for policy in cls.policy_aliases.values()}]
+    if algos and source.algo not in algos:
+        raise DatasetError(
+            f"{source.name} holds an agent of {' or '.join(algos)}, not of {source.algo} (its policy class is from "
+            f"{module}); pass {' or '.join(f'--algo {algo}' for algo in algos)}"
+        )
+
+
 def same_action_space(agent: dict[str, Any], env: dict[str, Any]) -> bool:
     """Same kind, size and bounds (an agent's actions would be rescaled wrongly under other bounds)."""
     if agent["type"] != env["type"]:
@@ -313,6 +339,7 @@ class Agent:
             zip_path = download(source.repo_id, f"{source.repo_id.split('/')[-1]}.zip")
             config_path = download(source.repo_id, "config.yml")
             normalizer_path = download(source.repo_id, "vec_normalize.pkl", required=False)
+        check_agent_algo(zip_path, source, classes)
         config = read_zoo_config(config_path)
         for unsupported in ("env_wrapper", "frame_stack"):
             if config.get(unsupported):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,7 +70,7 @@ def prepare_output(path: Path, overwrite: bool) -> None:
         raise DatasetError(f"{path} already exists; pass --overwrite to replace it, or choose another --output")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".probe"):
             pass
     except OSError as error:
         raise DatasetError(
@@ -104,16 +106,55 @@ def check_dataset(arrays: dict[str, np.ndarray], metadata: dict[str, Any], sourc
         raise DatasetError(f"{source}: observations {arrays['observations'].shape} != next_observations {arrays['next_observations'].shape}")
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of writers of `path` that were killed (SIGKILL, power loss) before they could.
+
+    Their names hold the writer's PID: those of a process that is gone are removed. Names without a PID (written by
+    earlier versions of this module) are removed once an hour old, long after any save would have finished.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]+\.(?:tmp|probe)")
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        pid = match.group(1)
+        try:
+            in_use = process_alive(int(pid)) if pid else time.time() - entry.stat().st_mtime < 3600
+            if not in_use:
+                entry.unlink()
+        except (OSError, OverflowError):  # gone meanwhile, not ours to remove, or no PID can be that large
+            pass
+
+
+def umask_file_mode() -> int:
+    """The mode open() gives a new file under the user's umask; mkstemp's 0600 would hide datasets from others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_dataset(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any], overwrite: bool) -> None:
     """Check, then write to a temporary file in the same folder and rename it: a crash never leaves half a file."""
     check_dataset(arrays, metadata, str(path))
     if path.exists() and not overwrite:
         raise DatasetError(f"{path} appeared while collecting; pass --overwrite to replace it")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
             np.savez_compressed(file, **{key: arrays[key] for key in ARRAY_KEYS}, metadata=np.array(json.dumps(metadata)))
             file.flush()
+            os.fchmod(file.fileno(), umask_file_mode())
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:

@@ -14,7 +14,8 @@ results/matrix/<env>__<dataset>__<label>__<seed>/ (committed):
 and results/matrix/datasets.md describes the datasets (data_collection/describe_datasets.py). The full run
 folder (TensorBoard events, model) moves to results/matrix/runs/ and the script's output to
 results/matrix/logs/ (both git-ignored). A run counts as done when its run.json exists, so a run killed
-half-way (the machine stopping) starts again from the beginning next time, and finished runs are skipped.
+half-way (the machine stopping, Ctrl-C) goes on from its last checkpoint next time (the script's --resume), as long
+as its script is unchanged since it started; finished runs are skipped.
 
 The datasets must exist (datasets/<env>/<dataset>.npz); the commands that build them are printed when one
 is missing, and listed in results/README.md.
@@ -28,6 +29,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -203,14 +205,33 @@ def describe_datasets(runs: list[Run]) -> None:
                       f"{' '.join(paths)} -->\n{table}")
 
 
-def start(run: Run) -> tuple[subprocess.Popen, float]:
+def resumable_folder(run: Run, log_path: Path, commit: str) -> Optional[Path]:
+    """The run folder of this run's earlier attempt, when it was stopped with a checkpoint and its script has not
+    changed since: that run goes on with --resume instead of starting again."""
+    text = log_path.read_text() if log_path.is_file() else ""
+    started_at, folder = re.match(r"# commit (\w+)\n", text), re.search(r"run folder (\S+)", text)
+    if started_at is None or folder is None or not (ROOT / folder.group(1) / "checkpoint.pt").is_file():
+        return None
+    unchanged = subprocess.run(["git", "diff", "--quiet", started_at.group(1), commit, "--", run.command[1]],
+                               cwd=ROOT).returncode == 0
+    return ROOT / folder.group(1) if unchanged else None
+
+
+def start(run: Run, commit: str) -> tuple[subprocess.Popen, float]:
     log_path = MATRIX_DIR / "logs" / f"{run.key}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, *run.command[1:]]
-    log = log_path.open("w")
-    log.write(f"$ {shlex.join(run.command)}\n")
+    resume = resumable_folder(run, log_path, commit)
+    if resume is None:
+        command = [sys.executable, *run.command[1:]]
+        log = log_path.open("w")
+        log.write(f"# commit {commit}\n$ {shlex.join(run.command)}\n")
+    else:
+        command = [sys.executable, run.command[1], "--resume", str(resume.relative_to(ROOT))]
+        log = log_path.open("a")
+        log.write(f"$ {shlex.join(['python', *command[1:]])}\n")
     log.flush()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    # A session of its own, so that Ctrl-C reaches the runs once, from main(), and not twice (twice stops at once).
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     log.close()
     return process, time.time()
@@ -220,6 +241,8 @@ def finish(run: Run, returncode: int, started: float, commit: str, max_points: i
     wall_time = time.time() - started
     log_path = MATRIX_DIR / "logs" / f"{run.key}.log"
     output = log_path.read_text()
+    if returncode == 130:
+        return f"interrupted after {wall_time / 60:.1f} min; the next start goes on from its checkpoint"
     if returncode != 0:
         return f"FAILED (exit {returncode}) after {wall_time / 60:.1f} min; see {log_path.relative_to(ROOT)}"
     match = re.search(r"Run folder (\S+)", output)
@@ -227,6 +250,7 @@ def finish(run: Run, returncode: int, started: float, commit: str, max_points: i
         return f"FAILED: no 'Run folder' line in {log_path.relative_to(ROOT)}"
     run_dir = ROOT / match.group(1)
     summary = json.loads((run_dir / "summary.json").read_text())
+    wall_time = summary["wall_time_s"]  # all its attempts, when it was resumed
     # Written into a temporary folder and renamed, so that a run.json exists only beside a complete record.
     partial = run.record_dir.with_name(run.record_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -281,7 +305,7 @@ def main(args: Args) -> None:
                     break
                 run = fitting[0]
                 todo.remove(run)
-                running[run] = start(run)
+                running[run] = start(run, commit)
                 print(f"[{time.strftime('%H:%M')}] start {run.key} (about {expected_minutes(run, finished):.0f} min)",
                       flush=True)
             if not running:
@@ -294,9 +318,12 @@ def main(args: Args) -> None:
                     outcome = finish(run, process.returncode, started, commit, args.max_points)
                     print(f"[{time.strftime('%H:%M')}] done  {run.key}: {outcome}", flush=True)
     except KeyboardInterrupt:
+        print("stopping: each run writes its checkpoint, and the next start goes on from there", flush=True)
         for process, _ in running.values():
-            process.terminate()
-        raise
+            process.send_signal(signal.SIGINT)
+        for process, _ in running.values():
+            process.wait()
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ COLLECTOR = ROOT / "data_collection" / "collect_dataset.py"
 MIXER = ROOT / "data_collection" / "mix_datasets.py"
 DESCRIBER = ROOT / "data_collection" / "describe_datasets.py"
 sys.path.insert(0, str(ROOT / "data_collection"))
+# The tests run in two workers on two cores (pytest -n 2): one torch thread each, or they slow each other down.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -127,3 +127,19 @@ def test_existing_dataset_is_kept_without_overwrite(hub_cache, tmp_path):
     assert result.returncode == 0, result.stderr
     assert output.read_bytes() != b"precious"
     assert [path.name for path in tmp_path.iterdir()] == ["x.npz"], "no temporary file is left behind"
+
+
+@pytest.mark.parametrize(
+    ("env_id", "source", "algo"), [("CartPole-v1", "local zip", "dqn"), ("Pendulum-v1", "hub", "sac")]
+)
+def test_algo_that_does_not_match_the_zip(agents, hub_cache, tmp_path, env_id, source, algo):
+    # Both tiny agents are PPO's, whose policy class (ActorCriticPolicy) A2C and TRPO share.
+    if source == "local zip":
+        agent = ["--agent-path", agents["cartpole"] / "ppo-CartPole-v1.zip"]
+    else:
+        agent = ["--repo-id", "sb3/ppo-Pendulum-v1"]
+    result = run_script(COLLECTOR, ["--env-id", env_id, *agent, "--algo", algo, "--num-transitions", 50,
+                                    "--reference-episodes", 1, "--output", tmp_path / "x.npz"], offline_env(hub_cache))
+    assert_clean_failure(result, f"not of {algo}", "stable_baselines3.common.policies", "--algo ppo")
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing is written"

@@ -118,3 +118,36 @@ def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkey
     rows = [line for line in table.read_text().splitlines() if line.startswith("| `")]
     assert len(rows) == 1 and "`a.npz` | CartPole-v1 | scripted" in rows[0] and "| 300 |" in rows[0]
     assert table.read_text().startswith("<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py datasets/a.npz -->")
+
+
+def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    run_matrix = load_run_matrix()
+    monkeypatch.setattr(run_matrix, "ROOT", tmp_path)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "algorithms").mkdir()
+    for name in ("x.py", "y.py"):
+        (tmp_path / "algorithms" / name).write_text("print(1)\n")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    first = git("rev-parse", "HEAD")
+    run = SimpleNamespace(command=["python", "algorithms/x.py", "--seed", "1"])
+    log = tmp_path / "x.log"
+    log.write_text(f"# commit {first}\n$ python algorithms/x.py --seed 1\nx: 9 transitions, run folder runs/r1 (resumed)\n")
+    assert run_matrix.resumable_folder(run, log, first) is None  # no checkpoint: it starts again
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "checkpoint.pt").write_bytes(b"")
+    assert run_matrix.resumable_folder(run, log, first) == tmp_path / "runs" / "r1"
+    (tmp_path / "algorithms" / "y.py").write_text("print(2)\n")
+    git("commit", "-qam", "another script")
+    assert run_matrix.resumable_folder(run, log, git("rev-parse", "HEAD")) == tmp_path / "runs" / "r1"
+    (tmp_path / "algorithms" / "x.py").write_text("print(2)\n")
+    git("commit", "-qam", "this script")
+    assert run_matrix.resumable_folder(run, log, git("rev-parse", "HEAD")) is None
+    assert run_matrix.resumable_folder(run, tmp_path / "no.log", first) is None

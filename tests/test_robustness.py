@@ -1,0 +1,302 @@
+"""Every algorithm script: bad datasets and bad flags get one line and exit status 2, nothing half-written is left,
+Ctrl-C keeps what was learned, --resume continues bit-identically, and two runs never share a run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import ALGORITHMS, assert_clean_failure, load_algorithm, load_npz, run_algorithm
+
+from dataset_io import save_dataset
+
+# Each script with the data it takes and flags that make it small; the run is 300 steps, evaluated every 100.
+SCRIPTS = {
+    "bc": ("pendulum_dataset", ["--hidden-dim", 32]),
+    "bcq_continuous": ("pendulum_dataset", []),
+    "cql_sac_continuous": ("pendulum_dataset", ["--num-random", 2, "--hidden-dim", 32]),
+    "td3_bc": ("pendulum_dataset", ["--hidden-dim", 32]),
+    "iql": ("pendulum_dataset", ["--hidden-dim", 32]),
+    "cql_discrete_lunarlander": ("cartpole_dataset", ["--hidden-dim", 32]),
+    "bcq_discrete": ("cartpole_dataset", ["--hidden-dim", 32]),
+}
+BOX_SCRIPTS = [name for name, (dataset, _) in SCRIPTS.items() if dataset == "pendulum_dataset"]
+SHORT = ["--total-steps", 300, "--eval-freq", 100, "--eval-episodes", 2, "--log-freq", 50, "--seed", 5]
+TINY = ["--total-steps", 20, "--eval-freq", 20, "--eval-episodes", 2, "--seed", 5]
+
+
+def dataset_of(script: str, request) -> "os.PathLike":
+    return request.getfixturevalue(SCRIPTS[script][0])
+
+
+def command(script: str, dataset, *extra) -> list[str]:
+    return [sys.executable, str(ALGORITHMS / f"{script}.py"), "--dataset", str(dataset), *map(str, SHORT),
+            *map(str, SCRIPTS[script][1]), *map(str, extra)]
+
+
+def start(script: str, dataset, cwd, *extra) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(command(script, dataset, *extra), cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def assert_nothing_written(cwd) -> None:
+    leftovers = [path for path in cwd.rglob("*") if path.name.startswith(".") or "runs" in path.parts]
+    assert not leftovers, leftovers
+
+
+def results_of(run_dir) -> tuple[list, dict]:
+    """The evaluations of summary.json without their wall times, and the saved model's tensors."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model = torch.load(next(run_dir.glob(f"{summary['args']['exp_name']}.pt")), weights_only=True)
+    return summary["evaluations"], model
+
+
+def assert_same_results(first, second) -> None:
+    (evaluations, model), (other_evaluations, other_model) = results_of(first), results_of(second)
+    assert evaluations == other_evaluations
+    assert model.keys() == other_model.keys() and all(torch.equal(model[key], other_model[key]) for key in model)
+
+
+# --------------------------------------------------------------------------------------------- bad datasets
+def write_damaged(kind: str, source, path) -> None:
+    arrays, metadata = load_npz(source)
+    contents = {**arrays, "metadata": np.array(json.dumps(metadata))}
+    if kind == "truncated":
+        data = source.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "random-bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "bad-crc":
+        np.savez(path, **contents)  # uncompressed, so a flipped byte reaches the CRC check, not zlib
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("rewards.npy")
+        data = bytearray(path.read_bytes())
+        data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif kind == "object-array":
+        np.savez(path, **{**contents, "observations": np.array([{"a": 1}] * len(arrays["rewards"]), dtype=object)})
+    elif kind == "metadata-not-json":
+        np.savez(path, **{**contents, "metadata": np.array("{env_id: Pendulum")})
+    elif kind == "metadata-a-list":
+        np.savez(path, **{**contents, "metadata": np.array(json.dumps([metadata]))})
+    elif kind == "no-metadata":
+        np.savez(path, **arrays)
+    elif kind == "observations-as-text":
+        np.savez(path, **{**contents, "observations": arrays["observations"].astype(str)})
+
+
+DAMAGES = {
+    "truncated": "cannot read", "random-bytes": "it is not a .npz file", "empty": "cannot read",
+    "bad-crc": "cannot read", "object-array": "holds Python objects", "metadata-not-json": "cannot read",
+    "metadata-a-list": "not a JSON object", "no-metadata": "no metadata", "observations-as-text": "not numbers",
+}
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return {script: load_algorithm(script) for script in SCRIPTS}
+
+
+def one_error_line(capsys, call) -> str:
+    """Run `call` in this process: it must stop with exit status 2 and one line on stderr, which is returned."""
+    capsys.readouterr()  # what the fixtures printed
+    with pytest.raises(SystemExit) as stop:
+        call()
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_damaged_dataset_is_one_line(script, kind, modules, request, tmp_path, capsys):
+    path = tmp_path / "damaged.npz"
+    write_damaged(kind, dataset_of(script, request), path)
+    line = one_error_line(capsys, lambda: modules[script].load_dataset(str(path), torch.device("cpu")))
+    assert str(path) in line and DAMAGES[kind] in line and "pickle" not in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(("key", "value"), [("rewards", np.nan), ("observations", np.inf),
+                                            ("next_observations", -np.inf)])
+def test_non_finite_values_are_refused_at_load(script, key, value, modules, request, tmp_path, capsys):
+    arrays, metadata = load_npz(dataset_of(script, request))
+    key = "observations" if script == "bc" else key  # behaviour cloning reads observations and actions only
+    arrays[key].reshape(len(arrays[key]), -1)[7, 0] = value  # one value
+    save_dataset(tmp_path / "bad.npz", arrays, metadata, overwrite=True)
+    path = str(tmp_path / "bad.npz")
+    line = one_error_line(capsys, lambda: modules[script].load_dataset(path, torch.device("cpu")))
+    assert f"{key} hold 1 NaN or infinite" in line and "learning-rate" not in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_dataset_stops_a_real_run_cleanly(script, request, tmp_path):
+    (tmp_path / "data").mkdir()
+    write_damaged("random-bytes", dataset_of(script, request), tmp_path / "data" / "damaged.npz")
+    result = run_algorithm(script, ["--dataset", tmp_path / "data" / "damaged.npz"], cwd=tmp_path)
+    assert_clean_failure(result, "it is not a .npz file", returncode=2)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("script", BOX_SCRIPTS)
+def test_actions_outside_the_bounds_are_refused_unless_clipped(script, request, tmp_path):
+    arrays, metadata = load_npz(dataset_of(script, request))
+    arrays["actions"] *= 10.0
+    save_dataset(tmp_path / "wide.npz", arrays, metadata, overwrite=True)
+    result = run_algorithm(script, ["--dataset", tmp_path / "wide.npz"], cwd=tmp_path)
+    assert_clean_failure(result, "outside the env's bounds", "[[-2.0], [2.0]]", "--clip-actions", returncode=2)
+    assert not (tmp_path / "runs").exists()
+    clipped = run_algorithm(script, ["--dataset", tmp_path / "wide.npz", "--clip-actions", *TINY, *SCRIPTS[script][1]],
+                            cwd=tmp_path)
+    assert clipped.returncode == 0, clipped.stderr
+
+
+# --------------------------------------------------------------------------------------------- bad flags
+BAD_FLAGS = [{"batch_size": 0}, {"batch_size": -1}, {"log_freq": 0}, {"total_steps": 0}, {"eval_freq": -5},
+             {"eval_episodes": 0}, {"gamma": 1.5}, {"gamma": float("nan")}, {"seed": -1}, {"hidden_dim": 0}]
+
+
+def has_field(script: str, name: str) -> bool:
+    return f"\n    {name}: " in (ALGORITHMS / f"{script}.py").read_text()
+
+
+def flag_id(value) -> str:
+    return value if isinstance(value, str) else "-".join(f"{key}={number}" for key, number in value.items())
+
+
+@pytest.mark.parametrize(("script", "bad"), [(script, bad) for script in SCRIPTS for bad in BAD_FLAGS
+                                             if has_field(script, next(iter(bad)))], ids=flag_id)
+def test_bad_numbers_in_flags_are_one_line(script, bad, modules, capsys):
+    module = modules[script]
+    line = one_error_line(capsys, lambda: module.validate_args(module.Args(**bad)))
+    assert f"--{next(iter(bad)).replace('_', '-')}" in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_rates_out_of_range_are_one_line(script, modules, capsys):
+    module = modules[script]
+    rates = [field for field in module.Args.__dataclass_fields__ if field.endswith("lr") or field in
+             ("learning_rate", "tau")]
+    assert rates
+    for field in rates:
+        for value in (0.0, -1e-3, float("nan")):
+            assert f"--{field.replace('_', '-')}" in one_error_line(
+                capsys, lambda: module.validate_args(module.Args(**{field: value})))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_flags_stop_a_real_run_before_any_run_folder(script, request, tmp_path):
+    result = run_algorithm(script, ["--dataset", dataset_of(script, request), "--batch-size", -1], cwd=tmp_path)
+    assert_clean_failure(result, "--batch-size", returncode=2)
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fewer_steps_than_log_freq_give_strict_json(script, request, tmp_path):
+    result = run_algorithm(script, ["--dataset", dataset_of(script, request), *TINY, *SCRIPTS[script][1],
+                                    "--log-freq", 100], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert summary["status"] == "finished" and np.isfinite(summary["final_returns"]).all()
+
+
+# --------------------------------------------------------------------------------------------- interrupts and resume
+def wait_for_checkpoint(process: subprocess.Popen, cwd) -> None:
+    deadline = time.time() + 300
+    while not list((cwd / "runs").glob("*/checkpoint.pt")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigint_then_resume_ends_as_a_straight_run(script, request, tmp_path):
+    dataset = dataset_of(script, request)
+    (tmp_path / "straight").mkdir(), (tmp_path / "stopped").mkdir()
+    straight = start(script, dataset, tmp_path / "straight")
+    stopped = start(script, dataset, tmp_path / "stopped")
+    wait_for_checkpoint(stopped, tmp_path / "stopped")
+    stopped.send_signal(signal.SIGINT)
+    result = finish(stopped)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    (run_dir,) = (tmp_path / "stopped" / "runs").iterdir()
+    assert f"--resume {run_dir.relative_to(tmp_path / 'stopped')}" in result.stderr.strip().splitlines()[-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["evaluations"] and summary["steps_done"] < 300
+    assert (run_dir / "checkpoint.pt").is_file() and (run_dir / f"{script}.pt").is_file()
+
+    resumed = run_algorithm(script, ["--resume", run_dir], cwd=tmp_path / "stopped")
+    assert resumed.returncode == 0, resumed.stderr
+    assert finish(straight).returncode == 0
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert_same_results(run_dir, next((tmp_path / "straight" / "runs").iterdir()))
+
+
+@pytest.mark.parametrize("script", ["bc", "td3_bc", "bcq_discrete"])
+def test_killed_run_resumes_from_its_last_checkpoint(script, request, tmp_path):
+    dataset = dataset_of(script, request)
+    (tmp_path / "straight").mkdir(), (tmp_path / "killed").mkdir()
+    straight = start(script, dataset, tmp_path / "straight")
+    killed = start(script, dataset, tmp_path / "killed")
+    wait_for_checkpoint(killed, tmp_path / "killed")
+    killed.kill()
+    finish(killed)
+    (run_dir,) = (tmp_path / "killed" / "runs").iterdir()
+    resumed = run_algorithm(script, ["--resume", run_dir], cwd=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert finish(straight).returncode == 0
+    assert_same_results(run_dir, next((tmp_path / "straight" / "runs").iterdir()))
+
+
+@pytest.mark.parametrize("script", ["bc", "cql_sac_continuous"])
+def test_resume_refuses_other_flags_and_finished_runs(script, request, tmp_path):
+    result = run_algorithm(script, ["--resume", tmp_path / "nowhere"], cwd=tmp_path)
+    assert_clean_failure(result, "checkpoint.pt does not exist", returncode=2)
+    run_algorithm(script, ["--dataset", dataset_of(script, request), *TINY, *SCRIPTS[script][1]], cwd=tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert_clean_failure(run_algorithm(script, ["--resume", run_dir, "--seed", 9], cwd=tmp_path), "drop --seed")
+    assert_clean_failure(run_algorithm(script, ["--resume", run_dir], cwd=tmp_path), "has finished")
+
+
+# --------------------------------------------------------------------------------------------- run folders
+@pytest.mark.parametrize("script", ["bc", "iql", "cql_discrete_lunarlander"])
+def test_runs_started_together_get_a_folder_each(script, request, tmp_path):
+    dataset = dataset_of(script, request)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    processes = [subprocess.Popen([sys.executable, str(ALGORITHMS / f"{script}.py"), "--dataset", str(dataset),
+                                   *map(str, TINY + SCRIPTS[script][1])], cwd=tmp_path, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    assert all(finish(process).returncode == 0 for process in processes)
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 2 and all((run_dir / "summary.json").is_file() for run_dir in run_dirs)
+
+
+def test_a_taken_folder_name_gets_a_suffix(cartpole_dataset, tmp_path):
+    # Every name the next minute could give is taken, so the run must add a suffix and leave the others alone.
+    now = int(time.time())
+    taken = [tmp_path / "runs" / f"CartPole-v1__bc__scripted__5__{second}" for second in range(now - 2, now + 60)]
+    for folder in taken:
+        folder.mkdir(parents=True)
+    result = run_algorithm("bc", ["--dataset", cartpole_dataset, *TINY], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (new,) = set((tmp_path / "runs").iterdir()) - set(taken)
+    assert new.name.endswith("-2") and (new / "summary.json").is_file()
+    assert not any(any(folder.iterdir()) for folder in taken)
