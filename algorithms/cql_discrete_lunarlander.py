@@ -226,7 +226,8 @@ def evaluate(q_network: QNetwork, env_id: str, episodes: int, seed: int, gamma: 
             return gym.make(env_id)
         return thunk
 
-    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
     running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
@@ -250,7 +251,8 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
     """D4RL's normalised score: 0 is a uniform random policy, 100 the expert that made the dataset's references."""
     if not reference_returns or reference_returns.get("expert") is None:
         return None
-    return 100.0 * (mean_return - reference_returns["random"]) / (reference_returns["expert"] - reference_returns["random"])
+    low, high = reference_returns["random"], reference_returns["expert"]
+    return 100.0 * (mean_return - low) / (high - low)
 
 
 # ------------------------------------------------------------------------------------------------- runs
