@@ -463,7 +463,7 @@ if __name__ == "__main__":
             sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
                   f"bc_loss {loss.item():.4f}  SPS {sps:.0f}", flush=True)
-        if evaluations and evaluations[-1]["step"] == global_step or stop_requested:
+        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},

@@ -615,7 +615,7 @@ if __name__ == "__main__":
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  td_loss {td_loss.item():.3f}  SPS {sps:.1f}",
                   flush=True)
-        if evaluations and evaluations[-1]["step"] == global_step or stop_requested:
+        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},

@@ -521,7 +521,7 @@ if __name__ == "__main__":
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  SPS {sps:.0f}", flush=True)
-        if evaluations and evaluations[-1]["step"] == global_step or stop_requested:
+        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},

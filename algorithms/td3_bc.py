@@ -519,7 +519,7 @@ if __name__ == "__main__":
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  critic_loss {critic_loss.item():.3f}  "
                   f"SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s", flush=True)
-        if evaluations and evaluations[-1]["step"] == global_step or stop_requested:
+        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},

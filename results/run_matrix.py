@@ -230,7 +230,7 @@ def start(run: Run, commit: str) -> tuple[subprocess.Popen, float]:
         log = log_path.open("a")
         log.write(f"$ {shlex.join(['python', *command[1:]])}\n")
     log.flush()
-    # A session of its own, so that Ctrl-C reaches the runs once, from main(), and not twice (twice stops at once).
+    # A process group of its own, so that Ctrl-C reaches each run once, from main(), not twice (twice stops at once).
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     log.close()

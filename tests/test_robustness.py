@@ -37,14 +37,14 @@ def dataset_of(script: str, request) -> "os.PathLike":
     return request.getfixturevalue(SCRIPTS[script][0])
 
 
-def command(script: str, dataset, *extra) -> list[str]:
-    return [sys.executable, str(ALGORITHMS / f"{script}.py"), "--dataset", str(dataset), *map(str, SHORT),
+def command(script: str, dataset, *extra, flags=SHORT) -> list[str]:
+    return [sys.executable, str(ALGORITHMS / f"{script}.py"), "--dataset", str(dataset), *map(str, flags),
             *map(str, SCRIPTS[script][1]), *map(str, extra)]
 
 
-def start(script: str, dataset, cwd, *extra) -> subprocess.Popen:
+def start(script: str, dataset, cwd, *extra, flags=SHORT) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(command(script, dataset, *extra), cwd=cwd, env=env, text=True,
+    return subprocess.Popen(command(script, dataset, *extra, flags=flags), cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -230,7 +230,8 @@ def wait_for_checkpoint(process: subprocess.Popen, cwd) -> None:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigint_then_resume_ends_as_a_straight_run(script, request, tmp_path):
     dataset = dataset_of(script, request)
-    (tmp_path / "straight").mkdir(), (tmp_path / "stopped").mkdir()
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "stopped").mkdir()
     straight = start(script, dataset, tmp_path / "straight")
     stopped = start(script, dataset, tmp_path / "stopped")
     wait_for_checkpoint(stopped, tmp_path / "stopped")
@@ -253,7 +254,8 @@ def test_sigint_then_resume_ends_as_a_straight_run(script, request, tmp_path):
 @pytest.mark.parametrize("script", ["bc", "td3_bc", "bcq_discrete"])
 def test_killed_run_resumes_from_its_last_checkpoint(script, request, tmp_path):
     dataset = dataset_of(script, request)
-    (tmp_path / "straight").mkdir(), (tmp_path / "killed").mkdir()
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "killed").mkdir()
     straight = start(script, dataset, tmp_path / "straight")
     killed = start(script, dataset, tmp_path / "killed")
     wait_for_checkpoint(killed, tmp_path / "killed")
@@ -279,11 +281,7 @@ def test_resume_refuses_other_flags_and_finished_runs(script, request, tmp_path)
 # --------------------------------------------------------------------------------------------- run folders
 @pytest.mark.parametrize("script", ["bc", "iql", "cql_discrete_lunarlander"])
 def test_runs_started_together_get_a_folder_each(script, request, tmp_path):
-    dataset = dataset_of(script, request)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    processes = [subprocess.Popen([sys.executable, str(ALGORITHMS / f"{script}.py"), "--dataset", str(dataset),
-                                   *map(str, TINY + SCRIPTS[script][1])], cwd=tmp_path, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    processes = [start(script, dataset_of(script, request), tmp_path, flags=TINY) for _ in range(2)]
     assert all(finish(process).returncode == 0 for process in processes)
     run_dirs = sorted((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 2 and all((run_dir / "summary.json").is_file() for run_dir in run_dirs)
