@@ -23,11 +23,15 @@ Evaluation follows the other scripts: episodes with seeds seed * 1000 + i, batch
 `diagnostics/discounted_return_initial` for comparison with their Q-values (BC has none to log).
 """
 
+import copy
+import io
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -62,7 +66,7 @@ class Args:
     capture_video: bool = False
     """record the first evaluation episode of each evaluation to <run folder>/videos"""
     save_model: bool = True
-    """save the policy's state_dict to <run folder>/<exp_name>.pt"""
+    """save the policy's state_dict to <run folder>/<exp_name>.pt and its acting function to policy.pt2"""
     dataset: str = "datasets/LunarLander-v3/expert.npz"
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
@@ -211,9 +215,22 @@ def deterministic_action(output: torch.Tensor, discrete: bool, gaussian: bool) -
     return torch.tanh(output.chunk(2, dim=-1)[0] if gaussian else output)
 
 
+class ActingPolicy(nn.Module):
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+
+    def __init__(self, policy: Policy, discrete: bool, gaussian: bool, low: torch.Tensor, high: torch.Tensor):
+        super().__init__()
+        self.policy, self.discrete, self.gaussian = policy, discrete, gaussian
+        self.register_buffer("low", low)
+        self.register_buffer("high", high)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        actions = deterministic_action(self.policy(observations), self.discrete, self.gaussian)
+        return actions if self.discrete else self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
+
+
 # ------------------------------------------------------------------------------------------------- evaluation
-def evaluate(policy: Policy, discrete: bool, gaussian: bool, low: Optional[torch.Tensor], high: Optional[torch.Tensor],
-             env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
+def evaluate(acting: nn.Module, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
              video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
     """Deterministic episodes batched in a vector env; returns their returns and discounted returns."""
 
@@ -233,10 +250,7 @@ def evaluate(policy: Policy, discrete: bool, gaussian: bool, low: Optional[torch
     running, discount = np.ones(episodes, dtype=bool), 1.0
     while running.any():
         with torch.no_grad():
-            output = policy(torch.tensor(observations, dtype=torch.float32, device=device))
-            actions = deterministic_action(output, discrete, gaussian)
-            if not discrete:
-                actions = low + (actions + 1.0) * 0.5 * (high - low)
+            actions = acting(torch.tensor(observations, dtype=torch.float32, device=device))
         observations, rewards, terminations, truncations, _ = envs.step(actions.cpu().numpy())
         returns += np.where(running, rewards, 0.0)
         discounted_returns += np.where(running, discount * rewards, 0.0)
@@ -252,6 +266,50 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
         return None
     low, high = reference_returns["random"], reference_returns["expert"]
     return 100.0 * (mean_return - low) / (high - low)
+
+
+def prepare_rendering(env_id: str) -> None:
+    """Check that --capture-video can render env_id before anything is written. Without a screen MuJoCo needs
+    MUJOCO_GL=egl or osmesa, read once when mujoco is imported, so each is tried in a child process."""
+    probe = "import sys, gymnasium as g; e = g.make(sys.argv[1], render_mode='rgb_array'); e.reset(); e.render()"
+    headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    backends = [os.environ.get("MUJOCO_GL")] if "MUJOCO_GL" in os.environ or not headless else ["egl", "osmesa"]
+    for backend in backends:
+        env = dict(os.environ, **({"MUJOCO_GL": backend} if backend else {}))
+        result = subprocess.run([sys.executable, "-c", probe, env_id], env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            if backend:
+                os.environ["MUJOCO_GL"] = backend
+            return
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    fail(f"--capture-video cannot render {env_id} (MUJOCO_GL={'/'.join(map(str, backends))}: {reason}). Without a "
+         f"screen MuJoCo renders with EGL or OSMesa: install one (apt install libegl1 or libosmesa6), or drop "
+         f"--capture-video")
+
+
+def export_policy(acting: nn.Module, obs_dim: int, path: Path, info: dict) -> None:
+    """Save the acting function as a torch.export program with info as policy.json: loadable without this file
+    and without pickle, by torch.export.load(path).module(), on the CPU, for any batch size."""
+    acting = copy.deepcopy(acting).cpu().eval().requires_grad_(False)  # so that its actions convert to numpy
+    program = torch.export.export(acting, (torch.zeros(2, obs_dim),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    archive = io.BytesIO()
+    torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
+    write_atomically(path, lambda temporary: temporary.write_bytes(archive.getvalue()))
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this file lies in, with "-dirty" for uncommitted changes; None outside one."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--", Path(__file__).name], cwd=folder,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -340,6 +398,8 @@ if __name__ == "__main__":
     env_id = args.env_id or metadata.get("env_id")
     if env_id is None:
         fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
     try:
         probe_env = gym.make(env_id)
     except gym.error.Error as error:
@@ -357,7 +417,7 @@ if __name__ == "__main__":
         if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
             fail(f"{args.dataset}: actions range over {int(data['actions'].min())}..{int(data['actions'].max())}, "
                  f"outside the env's 0..{n_actions - 1}")
-        output_dim, low, high = int(action_space.n), None, None
+        output_dim, low, high = int(action_space.n), torch.zeros(0, device=device), torch.zeros(0, device=device)
     else:
         action_dim = data["actions"].shape[1]
         if not isinstance(action_space, gym.spaces.Box):
@@ -403,6 +463,7 @@ if __name__ == "__main__":
     policy.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     gaussian = not discrete and args.box_loss == "gaussian"
+    acting = ActingPolicy(policy, discrete, gaussian, low, high)
     num_transitions = len(data["actions"])
     state = {"policy": policy, "optimizer": optimizer}  # all that a checkpoint holds, besides the RNGs
     first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
@@ -445,8 +506,8 @@ if __name__ == "__main__":
         if global_step % args.eval_freq == 0 or global_step == args.total_steps:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
-            result = evaluate(policy, discrete, gaussian, low, high, env_id, args.eval_episodes, args.seed, args.gamma,
-                              device, video_folder, f"step{global_step}")
+            result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
+                              f"step{global_step}")
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
@@ -475,7 +536,13 @@ if __name__ == "__main__":
     model_path = run_dir / f"{args.exp_name}.pt"
     if args.save_model:
         write_atomically(model_path, lambda path: torch.save(policy.state_dict(), path))
-        print(f"model saved to {model_path}")
+        export_policy(acting, obs_dim, run_dir / "policy.pt2", {
+            "env_id": env_id, "algorithm": args.exp_name, "dataset": args.dataset, "step": global_step,
+            "observation_shape": [obs_dim], "action_space": {"n": int(action_space.n)} if discrete else
+            {"low": action_space.low.tolist(), "high": action_space.high.tolist()},
+            "reference_returns": metadata.get("reference_returns"), "deterministic": True,
+            "evaluation": {"episodes": args.eval_episodes, "seed": args.seed, "gamma": args.gamma}})
+        print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
     final = evaluations[-1] if evaluations else {}
     summary = {
         "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
@@ -484,7 +551,9 @@ if __name__ == "__main__":
         "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
         "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
         "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
-        "evaluations": evaluations,
+        "evaluations": evaluations, "device": str(device), "git_commit": git_commit(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                     "numpy": np.__version__},
     }
     write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     writer.close()

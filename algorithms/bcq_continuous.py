@@ -25,11 +25,14 @@ except where a field says otherwise; the measurements behind them are in results
 """
 
 import copy
+import io
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -64,7 +67,8 @@ class Args:
     capture_video: bool = False
     """record the first evaluation episode of each evaluation to <run folder>/videos"""
     save_model: bool = True
-    """save the VAE's, actor's and critics' state_dict (one BCQPolicy) to <run folder>/<exp_name>.pt"""
+    """save the VAE's, actor's and critics' state_dict (one BCQPolicy) to <run folder>/<exp_name>.pt and the acting
+    function to policy.pt2"""
     dataset: str = "datasets/BipedalWalker-v3/expert.npz"
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
@@ -212,12 +216,12 @@ class VAE(nn.Module):
         std = log_std.exp()
         return self.decode(observations, mean + std * torch.randn_like(std)), mean, std
 
-    def decode(self, observations: torch.Tensor, latent: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def decode(self, observations: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Actions in [-1, 1]; without a latent, z ~ N(0, 1) clipped to [-0.5, 0.5] keeps samples near the data's
         mode."""
         if latent is None:
-            latent = torch.randn(len(observations), self.latent_dim, device=observations.device, generator=generator)
+            # shape[0], not len(): len() is a plain int to torch.export, which would fix policy.pt2's batch size.
+            latent = torch.randn(observations.shape[0], self.latent_dim, device=observations.device)
             latent = latent.clamp(-0.5, 0.5)
         return torch.tanh(self.decoder(torch.cat([observations, latent], dim=1)))
 
@@ -269,14 +273,13 @@ class BCQPolicy(nn.Module):
     def normalize(self, observations: torch.Tensor) -> torch.Tensor:
         return (observations - self.obs_mean) / self.obs_std
 
-    def act(self, observations: torch.Tensor, num_samples: int,
-            generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def act(self, observations: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """BCQ's policy on raw observations: num_samples decoded and perturbed actions per state, the one with the
         highest Q1. Returns the chosen actions in [-1, 1] and their Q1."""
         repeated = torch.repeat_interleave(self.normalize(observations), num_samples, dim=0)
-        candidates = self.actor(repeated, self.vae.decode(repeated, generator=generator))
+        candidates = self.actor(repeated, self.vae.decode(repeated))
         q1 = self.critic.q1(repeated, candidates)
-        return best_sampled_action(q1.view(-1, num_samples), candidates.view(len(observations), num_samples, -1))
+        return best_sampled_action(q1.view(-1, num_samples), candidates.view(observations.shape[0], num_samples, -1))
 
 
 def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -311,7 +314,7 @@ def best_sampled_action(q_values: torch.Tensor, candidates: torch.Tensor) -> tup
     """For each state, the candidate action ([batch, samples, act_dim]) with the highest Q ([batch, samples]), and
     that Q."""
     best_q, best = q_values.max(dim=1)
-    return candidates[torch.arange(len(candidates), device=candidates.device), best], best_q
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), best], best_q
 
 
 def vae_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -319,13 +322,26 @@ def vae_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1.0 + torch.log(std.pow(2)) - mean.pow(2) - std.pow(2)).mean()
 
 
+class ActingPolicy(nn.Module):
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+
+    def __init__(self, policy: BCQPolicy, num_samples: int):
+        super().__init__()
+        self.policy, self.num_samples = policy, num_samples
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        # The latents come from torch's global generator: an exported program cannot take a torch.Generator.
+        chosen, _ = self.policy.act(observations, self.num_samples)
+        return unnormalize_actions(chosen, self.policy.action_low, self.policy.action_high)
+
+
 # ------------------------------------------------------------------------------------------------- evaluation
-def evaluate(policy: BCQPolicy, env_id: str, episodes: int, seed: int, gamma: float, num_samples: int,
-             device: torch.device, video_folder: Optional[Path] = None,
-             video_prefix: str = "eval") -> dict[str, np.ndarray]:
+def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
+             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
     """Episodes of the BCQ policy batched in a vector env; returns their returns, discounted returns and
-    first-state values (Q1 of the chosen action). The VAE's latents come from a generator seeded with `seed`, so
-    a policy's evaluation is reproducible, and independent of the training's random numbers."""
+    first-state values (Q1 of the chosen action). The VAE's latents come from torch's generator seeded with `seed`
+    in a fork of its state, so a policy's evaluation is reproducible (results/evaluate_policy.py seeds it the same
+    way and replays it) and leaves the training's random numbers as they were."""
 
     def make_env(index: int):
         def thunk():
@@ -341,24 +357,23 @@ def evaluate(policy: BCQPolicy, env_id: str, episodes: int, seed: int, gamma: fl
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
     running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # Only the running episodes are decoded for; the finished ones' envs have reset and step, ignored, with 0.
-    actions = unnormalize_actions(torch.zeros(episodes, envs.single_action_space.shape[0]), policy.action_low.cpu(),
-                                  policy.action_high.cpu()).numpy().astype(envs.single_action_space.dtype)
+    policy = acting.policy
     policy.eval()
-    while running.any():
-        with torch.no_grad():
-            states = torch.tensor(observations[running], dtype=torch.float32, device=device)
-            chosen, q_values = policy.act(states, num_samples, generator)
-            chosen = unnormalize_actions(chosen, policy.action_low, policy.action_high)
-        if q_initial is None:
-            q_initial = q_values.cpu().numpy()
-        actions[running] = chosen.cpu().numpy()
-        observations, rewards, terminations, truncations, _ = envs.step(actions)
-        returns += np.where(running, rewards, 0.0)
-        discounted_returns += np.where(running, discount * rewards, 0.0)
-        discount *= gamma
-        running &= ~(terminations | truncations)
+    # Every episode is acted for at every step, the finished ones too (their envs have reset; what they return is
+    # ignored), so that the latents drawn are those of results/evaluate_policy.py, which plays the same way.
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        while running.any():
+            observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
+            actions = acting(observation_tensor)
+            if q_initial is None:  # the critics take actions in [-1, 1]; valuing them draws no random numbers
+                normalised_actions = normalize_actions(actions, policy.action_low, policy.action_high).clamp(-1.0, 1.0)
+                q_initial = policy.critic.q1(policy.normalize(observation_tensor), normalised_actions).cpu().numpy()
+            observations, rewards, terminations, truncations, _ = envs.step(actions.cpu().numpy())
+            returns += np.where(running, rewards, 0.0)
+            discounted_returns += np.where(running, discount * rewards, 0.0)
+            discount *= gamma
+            running &= ~(terminations | truncations)
     envs.close()
     policy.train()
     return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
@@ -370,6 +385,50 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
         return None
     low, high = reference_returns["random"], reference_returns["expert"]
     return 100.0 * (mean_return - low) / (high - low)
+
+
+def prepare_rendering(env_id: str) -> None:
+    """Check that --capture-video can render env_id before anything is written. Without a screen MuJoCo needs
+    MUJOCO_GL=egl or osmesa, read once when mujoco is imported, so each is tried in a child process."""
+    probe = "import sys, gymnasium as g; e = g.make(sys.argv[1], render_mode='rgb_array'); e.reset(); e.render()"
+    headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    backends = [os.environ.get("MUJOCO_GL")] if "MUJOCO_GL" in os.environ or not headless else ["egl", "osmesa"]
+    for backend in backends:
+        env = dict(os.environ, **({"MUJOCO_GL": backend} if backend else {}))
+        result = subprocess.run([sys.executable, "-c", probe, env_id], env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            if backend:
+                os.environ["MUJOCO_GL"] = backend
+            return
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    fail(f"--capture-video cannot render {env_id} (MUJOCO_GL={'/'.join(map(str, backends))}: {reason}). Without a "
+         f"screen MuJoCo renders with EGL or OSMesa: install one (apt install libegl1 or libosmesa6), or drop "
+         f"--capture-video")
+
+
+def export_policy(acting: nn.Module, obs_dim: int, path: Path, info: dict) -> None:
+    """Save the acting function as a torch.export program with info as policy.json: loadable without this file
+    and without pickle, by torch.export.load(path).module(), on the CPU, for any batch size."""
+    acting = copy.deepcopy(acting).cpu().eval().requires_grad_(False)  # so that its actions convert to numpy
+    program = torch.export.export(acting, (torch.zeros(2, obs_dim),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    archive = io.BytesIO()
+    torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
+    write_atomically(path, lambda temporary: temporary.write_bytes(archive.getvalue()))
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this file lies in, with "-dirty" for uncommitted changes; None outside one."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--", Path(__file__).name], cwd=folder,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -458,6 +517,8 @@ if __name__ == "__main__":
     env_id = args.env_id or metadata.get("env_id")
     if env_id is None:
         fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
     try:
         probe_env = gym.make(env_id)
     except gym.error.Error as error:
@@ -496,6 +557,7 @@ if __name__ == "__main__":
 
     policy = BCQPolicy(obs_dim, act_dim, space.low, space.high, args.phi, args.vae_hidden_dim, args.layer_norm)
     policy.to(device)
+    acting = ActingPolicy(policy, args.act_samples)
     if args.normalize_observations:
         policy.obs_mean.copy_(data["observations"].mean(dim=0))
         policy.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
@@ -591,8 +653,8 @@ if __name__ == "__main__":
         if global_step % args.eval_freq == 0 or global_step == args.total_steps:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
-            result = evaluate(policy, env_id, args.eval_episodes, args.seed, args.gamma, args.act_samples, device,
-                              video_folder, f"step{global_step}")
+            result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
+                              f"step{global_step}")
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
@@ -626,7 +688,13 @@ if __name__ == "__main__":
     model_path = run_dir / f"{args.exp_name}.pt"
     if args.save_model:
         write_atomically(model_path, lambda path: torch.save(policy.state_dict(), path))
-        print(f"model saved to {model_path}")
+        # Not deterministic: the program draws the VAE's latents from torch's generator, so seed it to replay.
+        export_policy(acting, obs_dim, run_dir / "policy.pt2", {
+            "env_id": env_id, "algorithm": args.exp_name, "dataset": args.dataset, "step": global_step,
+            "observation_shape": [obs_dim], "action_space": {"low": space.low.tolist(), "high": space.high.tolist()},
+            "reference_returns": metadata.get("reference_returns"), "deterministic": False,
+            "evaluation": {"episodes": args.eval_episodes, "seed": args.seed, "gamma": args.gamma}})
+        print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
     final = evaluations[-1] if evaluations else {}
     summary = {
         "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
@@ -635,7 +703,9 @@ if __name__ == "__main__":
         "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
         "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
         "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
-        "evaluations": evaluations,
+        "evaluations": evaluations, "device": str(device), "git_commit": git_commit(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                     "numpy": np.__version__},
     }
     write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     writer.close()

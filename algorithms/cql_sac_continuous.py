@@ -22,11 +22,15 @@ and the actor's log-probabilities are both taken in that box. Observations are s
 mean and std (CORL's practice). The measurements behind each default are in results/ablations.md.
 """
 
+import copy
+import io
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -61,7 +65,8 @@ class Args:
     capture_video: bool = False
     """record the first evaluation episode of each evaluation to <run folder>/videos"""
     save_model: bool = True
-    """save nn.ModuleDict(actor=..., critic=...)'s state_dict to <run folder>/<exp_name>.pt"""
+    """save nn.ModuleDict(actor=..., critic=...)'s state_dict to <run folder>/<exp_name>.pt and the acting function
+    to policy.pt2"""
     dataset: str = "datasets/Hopper-v5/expert.npz"
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
@@ -251,7 +256,8 @@ class TanhGaussianActor(nn.Module):
         return self.distribution(observations).log_prob(pre_tanh).sum(-1) - tanh_log_jacobian(pre_tanh).sum(-1)
 
     def deterministic(self, observations: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.distribution(observations).mean)
+        # tanh of the mean read off the network, not off a Normal: its argument checks cannot be torch.export-ed.
+        return torch.tanh(self.network(self.normalize(observations)).chunk(2, dim=-1)[0])
 
 
 def tanh_log_jacobian(pre_tanh: torch.Tensor) -> torch.Tensor:
@@ -282,13 +288,17 @@ def soft_target(
     """r + gamma * (1 - terminal) * min(Q1', Q2')(s', a') with a' ~ pi(.|s'). As in the official CQL code
     (deterministic backup), the entropy bonus is left out of the target."""
     return rewards + gamma * (1.0 - terminations) * next_q_target.min(dim=0).values
+
+
 # ------------------------------------------------------------------------------------------------- evaluation
-class ActionScaler:
-    """Maps the normalised box [-1, 1]^d to the env's bounds [low, high] and back."""
+class ActionScaler(nn.Module):
+    """Maps the normalised box [-1, 1]^d to the env's bounds [low, high] and back; the bounds are buffers, so that
+    the acting function carries them."""
 
     def __init__(self, low: np.ndarray, high: np.ndarray, device: torch.device):
-        self.low = torch.tensor(low, dtype=torch.float32, device=device)
-        self.high = torch.tensor(high, dtype=torch.float32, device=device)
+        super().__init__()
+        self.register_buffer("low", torch.tensor(low, dtype=torch.float32, device=device))
+        self.register_buffer("high", torch.tensor(high, dtype=torch.float32, device=device))
 
     def to_env(self, actions: torch.Tensor) -> torch.Tensor:
         return self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
@@ -297,8 +307,19 @@ class ActionScaler:
         return (2.0 * (actions - self.low) / (self.high - self.low) - 1.0).clamp(-1.0, 1.0)
 
 
-def evaluate(actor: TanhGaussianActor, critic: TwinCritic, scaler: ActionScaler, env_id: str, episodes: int, seed: int,
-             gamma: float, device: torch.device, video_folder: Optional[Path] = None,
+class ActingPolicy(nn.Module):
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+
+    def __init__(self, actor: TanhGaussianActor, scaler: ActionScaler):
+        super().__init__()
+        self.actor, self.scaler = actor, scaler
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.scaler.to_env(self.actor.deterministic(observations))
+
+
+def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: int, seed: int, gamma: float,
+             device: torch.device, video_folder: Optional[Path] = None,
              video_prefix: str = "eval") -> dict[str, np.ndarray]:
     """Episodes of the deterministic policy tanh(mean) batched in a vector env; returns their returns, discounted
     returns and the critic's value min(Q1, Q2) of the first states and the policy's actions."""
@@ -320,10 +341,11 @@ def evaluate(actor: TanhGaussianActor, critic: TwinCritic, scaler: ActionScaler,
     while running.any():
         with torch.no_grad():
             observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
-            actions = actor.deterministic(observation_tensor)
-            if q_initial is None:
-                q_initial = critic(observation_tensor, actions).min(dim=0).values.cpu().numpy()
-        observations, rewards, terminations, truncations, _ = envs.step(scaler.to_env(actions).cpu().numpy())
+            actions = acting(observation_tensor)
+            if q_initial is None:  # the critic takes actions in [-1, 1]^d, before the acting function scales them
+                normalised_actions = acting.actor.deterministic(observation_tensor)
+                q_initial = critic(observation_tensor, normalised_actions).min(dim=0).values.cpu().numpy()
+        observations, rewards, terminations, truncations, _ = envs.step(actions.cpu().numpy())
         returns += np.where(running, rewards, 0.0)
         discounted_returns += np.where(running, discount * rewards, 0.0)
         discount *= gamma
@@ -338,6 +360,50 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
         return None
     low, high = reference_returns["random"], reference_returns["expert"]
     return 100.0 * (mean_return - low) / (high - low)
+
+
+def prepare_rendering(env_id: str) -> None:
+    """Check that --capture-video can render env_id before anything is written. Without a screen MuJoCo needs
+    MUJOCO_GL=egl or osmesa, read once when mujoco is imported, so each is tried in a child process."""
+    probe = "import sys, gymnasium as g; e = g.make(sys.argv[1], render_mode='rgb_array'); e.reset(); e.render()"
+    headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    backends = [os.environ.get("MUJOCO_GL")] if "MUJOCO_GL" in os.environ or not headless else ["egl", "osmesa"]
+    for backend in backends:
+        env = dict(os.environ, **({"MUJOCO_GL": backend} if backend else {}))
+        result = subprocess.run([sys.executable, "-c", probe, env_id], env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            if backend:
+                os.environ["MUJOCO_GL"] = backend
+            return
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    fail(f"--capture-video cannot render {env_id} (MUJOCO_GL={'/'.join(map(str, backends))}: {reason}). Without a "
+         f"screen MuJoCo renders with EGL or OSMesa: install one (apt install libegl1 or libosmesa6), or drop "
+         f"--capture-video")
+
+
+def export_policy(acting: nn.Module, obs_dim: int, path: Path, info: dict) -> None:
+    """Save the acting function as a torch.export program with info as policy.json: loadable without this file
+    and without pickle, by torch.export.load(path).module(), on the CPU, for any batch size."""
+    acting = copy.deepcopy(acting).cpu().eval().requires_grad_(False)  # so that its actions convert to numpy
+    program = torch.export.export(acting, (torch.zeros(2, obs_dim),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    archive = io.BytesIO()
+    torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
+    write_atomically(path, lambda temporary: temporary.write_bytes(archive.getvalue()))
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this file lies in, with "-dirty" for uncommitted changes; None outside one."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--", Path(__file__).name], cwd=folder,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -426,6 +492,8 @@ if __name__ == "__main__":
     env_id = args.env_id or metadata.get("env_id")
     if env_id is None:
         fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
     try:
         probe_env = gym.make(env_id)
     except gym.error.Error as error:
@@ -474,6 +542,7 @@ if __name__ == "__main__":
         for normalizer in (actor.normalize, critic.normalize):
             normalizer.mean.copy_(obs_mean)
             normalizer.std.copy_(obs_std)
+    acting = ActingPolicy(actor, scaler)
     target_critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers, args.layer_norm).to(device)
     target_critic.load_state_dict(critic.state_dict())
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.bc_actor_lr if args.bc_steps > 0 else args.actor_lr)
@@ -579,7 +648,7 @@ if __name__ == "__main__":
             for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
             writer.add_scalar("losses/entropy_alpha", entropy_alpha.item(), global_step)
-            writer.add_scalar("losses/cql_alpha", float(cql_alpha), global_step)
+            writer.add_scalar("losses/cql_alpha", cql_alpha.item(), global_step)
             writer.add_scalar("diagnostics/q_data", q_data.mean().item(), global_step)
             writer.add_scalar("diagnostics/conservative_gap", gaps.mean().item(), global_step)
             writer.add_scalar("diagnostics/policy_log_prob", log_prob.mean().item(), global_step)
@@ -592,8 +661,8 @@ if __name__ == "__main__":
         if global_step % args.eval_freq == 0 or global_step == args.total_steps:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
-            result = evaluate(actor, critic, scaler, env_id, args.eval_episodes, args.seed, args.gamma, device,
-                              video_folder, f"step{global_step}")
+            result = evaluate(acting, critic, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
+                              f"step{global_step}")
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
@@ -628,7 +697,13 @@ if __name__ == "__main__":
     if args.save_model:
         model = nn.ModuleDict({"actor": actor, "critic": critic})  # one plain state_dict
         write_atomically(model_path, lambda path: torch.save(model.state_dict(), path))
-        print(f"model saved to {model_path}")
+        export_policy(acting, obs_dim, run_dir / "policy.pt2", {
+            "env_id": env_id, "algorithm": args.exp_name, "dataset": args.dataset, "step": global_step,
+            "observation_shape": [obs_dim],
+            "action_space": {"low": action_space.low.tolist(), "high": action_space.high.tolist()},
+            "reference_returns": metadata.get("reference_returns"), "deterministic": True,
+            "evaluation": {"episodes": args.eval_episodes, "seed": args.seed, "gamma": args.gamma}})
+        print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
     final = evaluations[-1] if evaluations else {}
     summary = {
         "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
@@ -637,7 +712,9 @@ if __name__ == "__main__":
         "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
         "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
         "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
-        "evaluations": evaluations,
+        "evaluations": evaluations, "device": str(device), "git_commit": git_commit(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                     "numpy": np.__version__},
     }
     write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     writer.close()

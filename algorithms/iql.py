@@ -21,11 +21,14 @@ when acting), or Discrete ones (the Actor and TwinCritic say how). Defaults are 
 """
 
 import copy
+import io
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -60,7 +63,8 @@ class Args:
     capture_video: bool = False
     """record the first evaluation episode of each evaluation to <run folder>/videos"""
     save_model: bool = True
-    """save nn.ModuleDict(actor=..., critic=..., value=...)'s state_dict to <run folder>/<exp_name>.pt"""
+    """save nn.ModuleDict(actor=..., critic=..., value=...)'s state_dict to <run folder>/<exp_name>.pt and the acting
+    function to policy.pt2"""
     dataset: str = "datasets/Hopper-v5/medium-expert.npz"
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
@@ -245,10 +249,24 @@ def iql_target(rewards: torch.Tensor, terminations: torch.Tensor, next_v: torch.
     return rewards + gamma * (1.0 - terminations) * next_v
 
 
+class ActingPolicy(nn.Module):
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+
+    def __init__(self, actor: Actor, low: torch.Tensor, high: torch.Tensor):
+        super().__init__()
+        self.actor = actor
+        self.register_buffer("low", low)
+        self.register_buffer("high", high)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        actions = self.actor.deterministic(self.actor.normalize(observations))
+        return actions if self.actor.discrete else self.low + 0.5 * (actions + 1.0) * (self.high - self.low)
+
+
 # ------------------------------------------------------------------------------------------------- evaluation
-def evaluate(actor: Actor, critic: TwinCritic, low: Optional[torch.Tensor], high: Optional[torch.Tensor], env_id: str,
-             episodes: int, seed: int, gamma: float, reward_scale: float, device: torch.device,
-             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
+def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: int, seed: int, gamma: float,
+             reward_scale: float, device: torch.device, video_folder: Optional[Path] = None,
+             video_prefix: str = "eval") -> dict[str, np.ndarray]:
     """Deterministic episodes in a vector env (Box actions mapped to [low, high]): returns, discounted returns, and
     min(Q1, Q2) of the first states and actions, in the env's reward units."""
 
@@ -268,12 +286,12 @@ def evaluate(actor: Actor, critic: TwinCritic, low: Optional[torch.Tensor], high
     running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
     while running.any():
         with torch.no_grad():
-            normalized = actor.normalize(torch.tensor(observations, dtype=torch.float32, device=device))
-            actions = actor.deterministic(normalized)
-            if q_initial is None:
-                q_initial = (torch.minimum(*critic(normalized, actions)) / reward_scale).cpu().numpy()
-            if not actor.discrete:
-                actions = low + 0.5 * (actions + 1.0) * (high - low)
+            observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
+            actions = acting(observation_tensor)
+            if q_initial is None:  # the critic takes standardised observations and Box actions in [-1, 1]^d
+                normalized = acting.actor.normalize(observation_tensor)
+                q_initial = (torch.minimum(*critic(normalized, acting.actor.deterministic(normalized)))
+                             / reward_scale).cpu().numpy()
         observations, rewards, terminations, truncations, _ = envs.step(actions.cpu().numpy())
         returns += np.where(running, rewards, 0.0)
         discounted_returns += np.where(running, discount * rewards, 0.0)
@@ -289,6 +307,50 @@ def normalized_score(mean_return: float, reference_returns: dict) -> Optional[fl
         return None
     low, high = reference_returns["random"], reference_returns["expert"]
     return 100.0 * (mean_return - low) / (high - low)
+
+
+def prepare_rendering(env_id: str) -> None:
+    """Check that --capture-video can render env_id before anything is written. Without a screen MuJoCo needs
+    MUJOCO_GL=egl or osmesa, read once when mujoco is imported, so each is tried in a child process."""
+    probe = "import sys, gymnasium as g; e = g.make(sys.argv[1], render_mode='rgb_array'); e.reset(); e.render()"
+    headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    backends = [os.environ.get("MUJOCO_GL")] if "MUJOCO_GL" in os.environ or not headless else ["egl", "osmesa"]
+    for backend in backends:
+        env = dict(os.environ, **({"MUJOCO_GL": backend} if backend else {}))
+        result = subprocess.run([sys.executable, "-c", probe, env_id], env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            if backend:
+                os.environ["MUJOCO_GL"] = backend
+            return
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    fail(f"--capture-video cannot render {env_id} (MUJOCO_GL={'/'.join(map(str, backends))}: {reason}). Without a "
+         f"screen MuJoCo renders with EGL or OSMesa: install one (apt install libegl1 or libosmesa6), or drop "
+         f"--capture-video")
+
+
+def export_policy(acting: nn.Module, obs_dim: int, path: Path, info: dict) -> None:
+    """Save the acting function as a torch.export program with info as policy.json: loadable without this file
+    and without pickle, by torch.export.load(path).module(), on the CPU, for any batch size."""
+    acting = copy.deepcopy(acting).cpu().eval().requires_grad_(False)  # so that its actions convert to numpy
+    program = torch.export.export(acting, (torch.zeros(2, obs_dim),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    archive = io.BytesIO()
+    torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
+    write_atomically(path, lambda temporary: temporary.write_bytes(archive.getvalue()))
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this file lies in, with "-dirty" for uncommitted changes; None outside one."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--", Path(__file__).name], cwd=folder,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -377,6 +439,8 @@ if __name__ == "__main__":
     env_id = args.env_id or metadata.get("env_id")
     if env_id is None:
         fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
     try:
         probe_env = gym.make(env_id)
     except gym.error.Error as error:
@@ -384,7 +448,8 @@ if __name__ == "__main__":
     space, obs_dim = probe_env.action_space, data["observations"].shape[1]
     discrete, described = data["actions"].dtype == torch.long, metadata.get("action_space", {})
     if discrete:
-        n_actions, action_dim, low, high = described.get("n", int(data["actions"].max()) + 1), 0, None, None
+        n_actions, action_dim = described.get("n", int(data["actions"].max()) + 1), 0
+        low, high = torch.zeros(0, device=device), torch.zeros(0, device=device)  # the acting function's buffers
         data_space = gym.spaces.Discrete(n_actions)
     else:
         n_actions, action_dim = 0, data["actions"].shape[1]
@@ -437,6 +502,7 @@ if __name__ == "__main__":
     reward_scale = 1000.0 / return_range if return_range > 0 else 1.0
     data["rewards"] = data["rewards"] * reward_scale
     target_critic = copy.deepcopy(critic)
+    acting = ActingPolicy(actor, low, high)
     # The three losses touch disjoint parameters (targets and advantages are detached), so one backward pass and one
     # Adam step over their sum is the same update as three, at less cost. Only the actor's group decays (cosine).
     groups = [{"params": module.parameters()} for module in (actor, critic, value)]
@@ -500,8 +566,8 @@ if __name__ == "__main__":
 
         if global_step % args.eval_freq == 0 or global_step == args.total_steps:
             eval_start = time.time()
-            result = evaluate(actor, critic, low, high, env_id, args.eval_episodes, args.seed, args.gamma, reward_scale,
-                              device, run_dir / "videos" if args.capture_video else None, f"step{global_step}")
+            result = evaluate(acting, critic, env_id, args.eval_episodes, args.seed, args.gamma, reward_scale, device,
+                              run_dir / "videos" if args.capture_video else None, f"step{global_step}")
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
@@ -534,7 +600,13 @@ if __name__ == "__main__":
     if args.save_model:
         model = nn.ModuleDict({"actor": actor, "critic": critic, "value": value})
         write_atomically(model_path, lambda path: torch.save(model.state_dict(), path))
-        print(f"model saved to {model_path}")
+        export_policy(acting, obs_dim, run_dir / "policy.pt2", {
+            "env_id": env_id, "algorithm": args.exp_name, "dataset": args.dataset, "step": global_step,
+            "observation_shape": [obs_dim], "action_space": {"n": n_actions} if discrete else
+            {"low": space.low.tolist(), "high": space.high.tolist()},
+            "reference_returns": metadata.get("reference_returns"), "deterministic": True,
+            "evaluation": {"episodes": args.eval_episodes, "seed": args.seed, "gamma": args.gamma}})
+        print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
     final = evaluations[-1] if evaluations else {}
     summary = {
         "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
@@ -544,7 +616,9 @@ if __name__ == "__main__":
         "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
         "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
         "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
-        "evaluations": evaluations,
+        "evaluations": evaluations, "device": str(device), "git_commit": git_commit(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                     "numpy": np.__version__},
     }
     write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     writer.close()

@@ -101,7 +101,7 @@ def test_run_writes_events_model_summary_and_video(pendulum_dataset, tmp_path, b
     assert policy.action_low.tolist() == [-2.0] and policy.action_high.tolist() == [2.0]
     # The dataset's observation statistics travel with the model: act() takes raw observations.
     assert policy.obs_std.min() > 0.1 and not torch.equal(policy.obs_std, torch.ones(3))
-    replay = bcq.evaluate(policy, "Pendulum-v1", 2, 3, 0.99, 100, torch.device("cpu"))
+    replay = bcq.evaluate(bcq.ActingPolicy(policy, 100), "Pendulum-v1", 2, 3, 0.99, torch.device("cpu"))
     assert replay["returns"].tolist() == pytest.approx(summary["final_returns"], abs=1e-3)
 
 

@@ -109,7 +109,7 @@ def test_run_writes_files_and_saved_model_reproduces_evaluation(cql, pendulum_da
     # The dataset's observation statistics travel with the model.
     assert not torch.equal(actor.normalize.std, torch.ones(3)) and torch.equal(actor.normalize.mean, critic.normalize.mean)
     scaler = cql.ActionScaler(np.array([-2.0]), np.array([2.0]), torch.device("cpu"))
-    again = cql.evaluate(actor, critic, scaler, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"))
+    again = cql.evaluate(cql.ActingPolicy(actor, scaler), critic, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"))
     np.testing.assert_allclose(again["returns"], summary["final_returns"], rtol=1e-5)
 
 

@@ -75,8 +75,9 @@ def test_run_writes_files_and_saved_model_reproduces_evaluation(iql, dataset, en
     modules = torch.nn.ModuleDict({"actor": actor, "critic": critic, "value": iql.mlp(sizes[0], 1, 256)})
     modules.load_state_dict(torch.load(folder / f"{SCRIPT}.pt", weights_only=True))
     assert not torch.equal(actor.obs_std, torch.ones(sizes[0]))  # the dataset's statistics travel with the actor
-    low, high = (None, None) if sizes[2] else (torch.tensor([-2.0]), torch.tensor([2.0]))
-    again = iql.evaluate(actor, critic, low, high, env_id, 2, 4, 0.99, summary["reward_scale"], torch.device("cpu"))
+    low, high = (torch.zeros(0), torch.zeros(0)) if sizes[2] else (torch.tensor([-2.0]), torch.tensor([2.0]))
+    again = iql.evaluate(iql.ActingPolicy(actor, low, high), critic, env_id, 2, 4, 0.99, summary["reward_scale"],
+                         torch.device("cpu"))
     np.testing.assert_allclose(again["returns"], summary["final_returns"], rtol=1e-5)
 
 
