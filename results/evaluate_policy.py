@@ -87,14 +87,10 @@ def main() -> None:
     result = bc.evaluate(policy, env_id, episodes, seed, evaluation.get("gamma", 0.99), torch.device("cpu"),
                          video_folder, "policy")
     mean_return = float(result["returns"].mean())
-    line = f"{info['algorithm']} on {env_id}: return {mean_return:.1f} ± {result['returns'].std():.1f} over {episodes} "
-    references = info.get("reference_returns") or {}
-    if references.get("expert") is not None and references.get("random") is not None:
-        score = 100.0 * (mean_return - references["random"]) / (references["expert"] - references["random"])
-        line += f"episodes (seed {seed}), normalised score {score:.1f}"
-    else:
-        line += f"episodes (seed {seed})"
-    print(line)
+    line = (f"{info['algorithm']} on {env_id}: return {mean_return:.1f} ± {result['returns'].std():.1f} over "
+            f"{episodes} episodes (seed {seed})")
+    score = bc.normalized_score(mean_return, info.get("reference_returns"))
+    print(line if score is None else f"{line}, normalised score {score:.1f}")
     if video_folder is not None:
         print(f"video in {video_folder}")
 
