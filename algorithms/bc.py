@@ -1,26 +1,24 @@
-"""Behaviour cloning: the baseline of every offline RL table (Pomerleau, 1991; as in D4RL and CORL).
+"""Behaviour cloning (BC): the baseline of every offline RL table (Pomerleau, 1991; as in D4RL,
+https://arxiv.org/abs/2004.07219, and CORL, https://arxiv.org/abs/2210.07105).
 
 A policy network is fitted to the dataset's actions by supervised learning, with no value function and no
 reward: it imitates whoever collected the data, so it can at best match them. Offline RL earns its place
 where it beats this baseline, typically on noisy or mixed data, where imitation copies the mistakes too.
 
+    Discrete:                  L = -mean_batch log softmax(f(s))[a]                 acts by argmax f(s)
+    Box, --box-loss gaussian:  L = -mean_batch log pi(a|s), pi = tanh(N(mu, sigma))  acts by tanh(mu(s))
+    Box, --box-loss mse:       L = mean_batch (tanh(f(s)) - a)^2                     acts by tanh(f(s))
+
+Box actions live in the normalised box [-1, 1]^d, mapped to the env's bounds when acting. The log-likelihood of
+a tanh-squashed Gaussian is the change of variables of SAC's appendix C (https://arxiv.org/abs/1801.01290,
+eq. 21): log pi(a|s) = log N(u; mu, sigma) - sum_i log(1 - tanh(u_i)^2), u = atanh(a).
+
     python algorithms/bc.py --dataset datasets/LunarLander-v3/expert.npz
     python algorithms/bc.py --dataset datasets/Hopper-v5/expert.npz
 
-One file for both action kinds, chosen by the dataset:
-- Discrete actions: a softmax policy trained by cross-entropy, acting greedily (argmax).
-- Box actions, in the normalised box [-1, 1]^d (mapped to the env's bounds when acting):
-  `--box-loss gaussian` (default) maximises the log-likelihood of a tanh-squashed Gaussian (the change of
-  variables of SAC's appendix C) and acts with tanh(mean); `--box-loss mse` regresses a deterministic
-  tanh(network) onto the actions. Measured with the defaults (20k steps, seed 1, 10 episodes): Hopper-v5
-  expert 3649 with gaussian (every evaluation 3649-3660) against 2812 with mse. On the tests' Pendulum
-  data, whose controller saturates its torque and takes 20% random actions, mse averages the two into a
-  weaker torque (-691 after 2000 steps) where gaussian keeps the controller's (-147).
-
-Observations are standardised with the dataset's mean and std (kept in the saved model).
-
-Evaluation follows the other scripts: episodes with seeds seed * 1000 + i, batched in a vector env, and
-`diagnostics/discounted_return_initial` for comparison with their Q-values (BC has none to log).
+Observations are standardised with the dataset's mean and std (kept in the saved model). Evaluation follows the
+other scripts: episodes with seeds seed * 1000 + i, batched in a vector env, and the logged
+diagnostics/discounted_return_initial, for comparison with their Q-values (BC has none to log).
 """
 
 import copy
@@ -72,7 +70,7 @@ class Args:
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
     total_steps: int = 20_000
-    """number of gradient steps"""
+    """number of gradient steps (CORL: 1M; 20k here: BC clones in a few thousand steps, results/README.md)"""
     eval_freq: int = 5_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -94,7 +92,8 @@ class Args:
     num_layers: int = 2
     """hidden layers of the policy"""
     box_loss: Literal["gaussian", "mse"] = "gaussian"
-    """Box actions: negative log-likelihood of a tanh-Gaussian, or mean squared error of tanh(network)"""
+    """Box actions: NLL of a tanh-Gaussian, or MSE of tanh(network) (CORL: mse; gaussian here: measured
+    better on Hopper expert and Pendulum data, results/ablations.md)"""
     gamma: float = 0.99
     """discount of the logged discounted return of the evaluation episodes (BC itself does not use it)"""
     log_freq: int = 100
@@ -126,7 +125,8 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     """Observations and actions as tensors on the device, so that a batch is one torch.randint and an index.
     Whatever is wrong with the file stops the run here, with one line that names it."""
     if not Path(path).is_file():
-        env_id, policy = Path(path).parent.name or "LunarLander-v3", Path(path).stem
+        env_id = Path(path).parent.name or "LunarLander-v3"
+        policy = Path(path).stem
         fail(f"dataset {path} does not exist. Build it with:  " + (
             f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
             if policy in ("expert", "noisy", "random") else "the commands in results/README.md"))
@@ -145,15 +145,14 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     if missing or not isinstance(metadata, dict):
         fail(f"{path} is not a dataset of data_collection/collect_dataset.py: "
              + (f"it lacks {', '.join(missing)}" if missing else "its metadata is not a JSON object"))
-    discrete = arrays["actions"].ndim == 1 and arrays["actions"].dtype.kind in "iu"
-    if not discrete and (arrays["actions"].ndim != 2 or arrays["actions"].dtype.kind != "f"):
-        fail(f"{path}: actions are {arrays['actions'].dtype} {arrays['actions'].shape}; expected integers [N] "
+    actions = arrays["actions"]
+    discrete = actions.ndim == 1 and actions.dtype.kind in "iu"
+    if not discrete and (actions.ndim != 2 or actions.dtype.kind != "f"):
+        fail(f"{path}: actions are {actions.dtype} {actions.shape}; expected integers [N] "
              f"(Discrete) or floats [N, action_dim] (Box)")
     shapes = {key: arrays[key].shape for key in keys}
-    n, obs_dim = shapes["observations"] if len(shapes["observations"]) == 2 else (0, 0)
-    expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "rewards": (n,), "terminations": (n,),
-                "actions": (n, *shapes["actions"][1:2])}
-    if n == 0 or any(shapes[key] != expected[key] for key in keys):
+    n = shapes["observations"][0] if len(shapes["observations"]) == 2 else 0
+    if n == 0 or shapes["actions"][0] != n:
         fail(f"{path}: the arrays' shapes {shapes} are not observations and next_observations [N, obs_dim], "
              f"actions [N] or [N, action_dim], rewards and terminations [N], with N at least 1")
     for key in keys:
@@ -162,11 +161,8 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
         if not np.isfinite(arrays[key]).all():
             fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
                  f"drop those transitions or collect the dataset again")
-    data = {
-        "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
-        "actions": torch.tensor(arrays["actions"], dtype=torch.long if discrete else torch.float32, device=device),
-    }
-    return data, metadata
+    return {"observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
+            "actions": torch.tensor(actions, dtype=torch.long if discrete else torch.float32, device=device)}, metadata
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -188,9 +184,20 @@ class Policy(nn.Module):
         return self.network((observations - self.obs_mean) / self.obs_std)
 
 
+# ------------------------------------------------------------------------------------------------- the maths
+def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Env units [low, high] -> [-1, 1]."""
+    return 2.0 * (actions - low) / (high - low) - 1.0
+
+
+def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> env units [low, high]."""
+    return low + 0.5 * (actions + 1.0) * (high - low)
+
+
 def tanh_gaussian_nll(output: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """-log pi(a|s) of actions in (-1, 1) for pi = tanh(N(mean, std)), output = [mean, log_std], averaged over
-    the batch: the Gaussian density of atanh(a) minus log(1 - a^2), the tanh change of variables."""
+    the batch: the Gaussian density of atanh(a) minus log(1 - a^2), the tanh change of variables (SAC eq. 21)."""
     mean, log_std = output.chunk(2, dim=-1)
     pre_tanh = torch.atanh(actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
     log_std = log_std.clamp(-5.0, 2.0)
@@ -215,39 +222,40 @@ def deterministic_action(output: torch.Tensor, discrete: bool, gaussian: bool) -
     return torch.tanh(output.chunk(2, dim=-1)[0] if gaussian else output)
 
 
+# ------------------------------------------------------------------------------------------------- evaluation
 class ActingPolicy(nn.Module):
     """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
 
     def __init__(self, policy: Policy, discrete: bool, gaussian: bool, low: torch.Tensor, high: torch.Tensor):
         super().__init__()
-        self.policy, self.discrete, self.gaussian = policy, discrete, gaussian
+        self.policy = policy
+        self.discrete = discrete
+        self.gaussian = gaussian
         self.register_buffer("low", low)
         self.register_buffer("high", high)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         actions = deterministic_action(self.policy(observations), self.discrete, self.gaussian)
-        return actions if self.discrete else self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
+        return actions if self.discrete else unnormalize_actions(actions, self.low, self.high)
 
 
-# ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(acting: nn.Module, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
              video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
     """Deterministic episodes batched in a vector env; returns their returns and discounted returns."""
 
-    def make_env(index: int):
-        def thunk():
-            if video_folder is not None and index == 0:
-                env = gym.make(env_id, render_mode="rgb_array")
-                return gym.wrappers.RecordVideo(env, str(video_folder), episode_trigger=lambda episode: episode == 0,
-                                                name_prefix=video_prefix, disable_logger=True)
+    def make_env(index: int) -> gym.Env:
+        if video_folder is None or index > 0:
             return gym.make(env_id)
-        return thunk
+        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_folder),
+                                        episode_trigger=lambda episode: episode == 0, name_prefix=video_prefix,
+                                        disable_logger=True)
 
-    envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(episodes)],
+    envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(i) for i in range(episodes)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running, discount = np.ones(episodes, dtype=bool), 1.0
+    running = np.ones(episodes, dtype=bool)
+    discount = 1.0
     while running.any():
         with torch.no_grad():
             actions = acting(torch.tensor(observations, dtype=torch.float32, device=device))
@@ -404,34 +412,37 @@ if __name__ == "__main__":
         probe_env = gym.make(env_id)
     except gym.error.Error as error:
         fail(f"cannot make env {env_id!r}: {error}")
-    action_space, obs_dim = probe_env.action_space, data["observations"].shape[1]
+    action_space = probe_env.action_space
+    observation_shape = probe_env.observation_space.shape
+    probe_env.close()
+    obs_dim = data["observations"].shape[1]
     discrete = data["actions"].dtype == torch.long
     if discrete:
         if not isinstance(action_space, gym.spaces.Discrete):
             fail(f"dataset {args.dataset} has discrete actions, env {env_id} has actions {action_space}")
         n_actions = metadata.get("action_space", {}).get("n", int(data["actions"].max()) + 1)
-        if probe_env.observation_space.shape != (obs_dim,) or n_actions != int(action_space.n):
+        if observation_shape != (obs_dim,) or n_actions != int(action_space.n):
             fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {n_actions} "
-                 f"actions, env {env_id} has observation shape {probe_env.observation_space.shape} and "
-                 f"{action_space.n} actions")
+                 f"actions, env {env_id} has observation shape {observation_shape} and {action_space.n} actions")
         if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
             fail(f"{args.dataset}: actions range over {int(data['actions'].min())}..{int(data['actions'].max())}, "
                  f"outside the env's 0..{n_actions - 1}")
-        output_dim, low, high = int(action_space.n), torch.zeros(0, device=device), torch.zeros(0, device=device)
+        output_dim = int(action_space.n)
+        low = torch.zeros(0, device=device)  # the acting function's buffers, unused for Discrete actions
+        high = torch.zeros(0, device=device)
     else:
         action_dim = data["actions"].shape[1]
         if not isinstance(action_space, gym.spaces.Box):
             fail(f"dataset {args.dataset} has continuous actions of shape ({action_dim},), env {env_id} has "
                  f"actions {action_space}")
-        data_space = metadata.get("action_space", {})
-        data_low = data_space.get("low", action_space.low.tolist())
-        data_high = data_space.get("high", action_space.high.tolist())
-        if (probe_env.observation_space.shape != (obs_dim,) or action_space.shape != (action_dim,)
+        bounds = f"[{action_space.low.tolist()}, {action_space.high.tolist()}]"
+        data_low = metadata.get("action_space", {}).get("low", action_space.low.tolist())
+        data_high = metadata.get("action_space", {}).get("high", action_space.high.tolist())
+        if (observation_shape != (obs_dim,) or action_space.shape != (action_dim,)
                 or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
             fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
                  f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
-                 f"{probe_env.observation_space.shape} and actions of shape {action_space.shape} in "
-                 f"[{action_space.low.tolist()}, {action_space.high.tolist()}]")
+                 f"{observation_shape} and actions of shape {action_space.shape} in {bounds}")
         if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
             fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
         low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
@@ -439,10 +450,9 @@ if __name__ == "__main__":
         data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
         if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
             fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
-                 f"bounds [{action_space.low.tolist()}, {action_space.high.tolist()}]; --clip-actions clips them")
-        data["actions"] = (2.0 * (data["actions"] - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
+                 f"bounds {bounds}; --clip-actions clips them")
+        data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
         output_dim = 2 * action_dim if args.box_loss == "gaussian" else action_dim
-    probe_env.close()
 
     run_dir = Path(args.resume) if checkpoint else make_run_dir(
         f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
@@ -466,7 +476,10 @@ if __name__ == "__main__":
     acting = ActingPolicy(policy, discrete, gaussian, low, high)
     num_transitions = len(data["actions"])
     state = {"policy": policy, "optimizer": optimizer}  # all that a checkpoint holds, besides the RNGs
-    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    first_step = 1
+    evaluations = []
+    eval_time = 0.0
+    wall_time = 0.0
     if checkpoint:
         for name, part in state.items():
             part.load_state_dict(checkpoint["state"][name])
@@ -476,17 +489,25 @@ if __name__ == "__main__":
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
           f"run folder {run_dir}" + (f" (resumed after step {first_step - 1})" if checkpoint else ""))
 
-    start_time, last_loss = time.time() - wall_time, "none yet"
+    start_time = time.time() - wall_time
+    last_loss = "none yet"
     signal.signal(signal.SIGINT, stop_after_this_step)
     for global_step in range(first_step, args.total_steps + 1):
+        # ALGO LOGIC: training
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
-        observations, actions = data["observations"][indices], data["actions"][indices]
+        observations = data["observations"][indices]
+        actions = data["actions"][indices]
         output = policy(observations)
         loss = bc_loss(output, actions, discrete, args.box_loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        # ALGO LOGIC END
 
+        evaluate_now = global_step % args.eval_freq == 0 or global_step == args.total_steps
+        if global_step % args.log_freq == 0 or evaluate_now:
+            sps = global_step / (time.time() - start_time - eval_time)
+            writer.add_scalar("charts/SPS", sps, global_step)
         if global_step % args.log_freq == 0:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             loss_value = loss.item()
@@ -501,9 +522,8 @@ if __name__ == "__main__":
                     writer.add_scalar("diagnostics/accuracy", (predicted == actions).float().mean().item(), global_step)
                 else:
                     writer.add_scalar("diagnostics/action_mse", F.mse_loss(predicted, actions).item(), global_step)
-            writer.add_scalar("charts/SPS", global_step / (time.time() - start_time - eval_time), global_step)
 
-        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+        if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
             result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
@@ -521,10 +541,9 @@ if __name__ == "__main__":
                 writer.add_scalar("eval/normalized_score", score, global_step)
             writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"],
                               global_step)
-            sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
                   f"bc_loss {loss.item():.4f}  SPS {sps:.0f}", flush=True)
-        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
+        if evaluate_now or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},

@@ -74,7 +74,7 @@ class Args:
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
     total_steps: int = 30_000
-    """number of gradient steps (the paper: 1M)"""
+    """number of gradient steps (paper: 1M; 30k here: a run takes 37 minutes on one CPU core, results/README.md)"""
     eval_freq: int = 5_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -108,8 +108,8 @@ class Args:
     layer_norm: bool = False
     """LayerNorm before each hidden ReLU of the critics (ReBRAC's; Yue et al. 2023: it stops Q divergence)"""
     normalize_observations: bool = True
-    """standardise observations with the dataset's mean and std, kept in the saved model (not in the paper:
-    on Hopper it is the difference between failing and keeping the expert, results/ablations.md)"""
+    """standardise observations with the dataset's mean and std, kept in the saved model
+    (paper: raw observations; here: without it BCQ fails on Hopper's expert data, results/ablations.md)"""
     log_freq: int = 100
     """gradient steps between loss logs"""
 
@@ -178,14 +178,8 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
         if not np.isfinite(arrays[key]).all():
             fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
                  f"drop those transitions or collect the dataset again")
-    data = {
-        "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
-        "actions": torch.tensor(arrays["actions"], dtype=torch.float32, device=device),
-        "rewards": torch.tensor(arrays["rewards"], dtype=torch.float32, device=device),
-        "next_observations": torch.tensor(arrays["next_observations"], dtype=torch.float32, device=device),
-        # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
-        "terminations": torch.tensor(arrays["terminations"], dtype=torch.float32, device=device),
-    }
+    # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
+    data = {key: torch.tensor(arrays[key], dtype=torch.float32, device=device) for key in keys}
     return data, metadata
 
 
@@ -212,8 +206,8 @@ class VAE(nn.Module):
     def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Reconstructed actions, latent mean and latent std (the reparameterisation trick)."""
         hidden = F.relu(self.encoder(torch.cat([observations, actions], dim=1)))
-        mean, log_std = self.mean(hidden), self.log_std(hidden).clamp(-4, 15)  # clamped for stability, as the author's
-        std = log_std.exp()
+        mean = self.mean(hidden)
+        std = self.log_std(hidden).clamp(-4, 15).exp()  # log std clamped for stability, as the author's
         return self.decode(observations, mean + std * torch.randn_like(std)), mean, std
 
     def decode(self, observations: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -282,6 +276,7 @@ class BCQPolicy(nn.Module):
         return best_sampled_action(q1.view(-1, num_samples), candidates.view(observations.shape[0], num_samples, -1))
 
 
+# ------------------------------------------------------------------------------------------------- the maths
 def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Env units [low, high] -> [-1, 1]."""
     return 2.0 * (actions - low) / (high - low) - 1.0
@@ -322,12 +317,14 @@ def vae_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1.0 + torch.log(std.pow(2)) - mean.pow(2) - std.pow(2)).mean()
 
 
+# ------------------------------------------------------------------------------------------------- evaluation
 class ActingPolicy(nn.Module):
     """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
 
     def __init__(self, policy: BCQPolicy, num_samples: int):
         super().__init__()
-        self.policy, self.num_samples = policy, num_samples
+        self.policy = policy
+        self.num_samples = num_samples
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         # The latents come from torch's global generator: an exported program cannot take a torch.Generator.
@@ -335,7 +332,6 @@ class ActingPolicy(nn.Module):
         return unnormalize_actions(chosen, self.policy.action_low, self.policy.action_high)
 
 
-# ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
              video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
     """Episodes of the BCQ policy batched in a vector env; returns their returns, discounted returns and
@@ -356,7 +352,9 @@ def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma:
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    running = np.ones(episodes, dtype=bool)
+    discount = 1.0
+    q_initial = None
     policy = acting.policy
     policy.eval()
     # Every episode is acted for at every step, the finished ones too (their envs have reset; what they return is
@@ -577,26 +575,34 @@ if __name__ == "__main__":
     # All that a checkpoint holds, besides the RNGs.
     state = {"policy": policy, "target_actor": target_actor, "target_critic": target_critic,
              "vae_optimizer": vae_optimizer, "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
-    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    first_step = 1
+    evaluations = []
+    eval_time = 0.0
+    wall_time = 0.0
     if checkpoint:
         for name, part in state.items():
             part.load_state_dict(checkpoint["state"][name])
         set_rng_states(checkpoint["rng"])
-        first_step, evaluations = checkpoint["step"] + 1, checkpoint["evaluations"]
+        first_step = checkpoint["step"] + 1
+        evaluations = checkpoint["evaluations"]
         eval_time, wall_time = checkpoint["eval_time_s"], checkpoint["wall_time_s"]
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
           f"run folder {run_dir}" + (f", resumed after step {first_step - 1}" if checkpoint else ""))
 
-    start_time, last_losses, last_print = time.time() - wall_time, {}, time.time()
+    start_time = time.time() - wall_time
+    last_losses = {}
+    last_print = time.time()
     signal.signal(signal.SIGINT, stop_after_this_step)
     for global_step in range(first_step, args.total_steps + 1):
+        # ALGO LOGIC: training
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions, rewards = (data[key][indices] for key in ("observations", "actions", "rewards"))
         next_observations, terminations = data["next_observations"][indices], data["terminations"][indices]
 
         # VAE: reconstruction + 0.5 * KL (the author's weights), so that decode(s, z) samples the data's actions at s.
         reconstruction, mean, std = policy.vae(observations, actions)
-        reconstruction_loss, kl_loss = F.mse_loss(reconstruction, actions), vae_kl(mean, std)
+        reconstruction_loss = F.mse_loss(reconstruction, actions)
+        kl_loss = vae_kl(mean, std)
         vae_loss = reconstruction_loss + 0.5 * kl_loss
         vae_optimizer.zero_grad()
         vae_loss.backward()
@@ -627,8 +633,10 @@ if __name__ == "__main__":
         with torch.no_grad():
             # One fused lerp over all parameters: target <- target + tau * (online - target).
             torch._foreach_lerp_(target_parameters, online_parameters, args.tau)
+        # ALGO LOGIC END
 
-        if global_step % args.log_freq == 0:
+        evaluate_now = global_step % args.eval_freq == 0 or global_step == args.total_steps
+        if global_step % args.log_freq == 0 or evaluate_now:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = {"vae_loss": vae_loss.item(), "reconstruction_loss": reconstruction_loss.item(),
                       "kl_loss": kl_loss.item(), "critic_loss": critic_loss.item(), "actor_loss": actor_loss.item()}
@@ -650,7 +658,7 @@ if __name__ == "__main__":
                       flush=True)
                 last_print = time.time()
 
-        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+        if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
             result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
@@ -658,20 +666,16 @@ if __name__ == "__main__":
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluation = {
-                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
-                "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
-                "discounted_return_initial": float(result["discounted_returns"].mean()),
-                "returns": result["returns"].tolist(),
-            }
+            evaluation = {"step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
+                          "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
+                          "discounted_return_initial": float(result["discounted_returns"].mean()),
+                          "returns": result["returns"].tolist()}
             evaluations.append(evaluation)
             writer.add_scalar("eval/episodic_return", mean_return, global_step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, global_step)
-            writer.add_scalar("diagnostics/q_initial", evaluation["q_initial"], global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
-                              global_step)
-            sps = global_step / (time.time() - start_time - eval_time)
+            for tag in ("q_initial", "discounted_return_initial"):
+                writer.add_scalar(f"diagnostics/{tag}", evaluation[tag], global_step)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  critic_loss {critic_loss.item():.3f}  "

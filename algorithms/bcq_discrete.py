@@ -1,4 +1,5 @@
-"""Discrete BCQ, offline (Fujimoto et al., 2019, "Benchmarking Batch Deep Reinforcement Learning Algorithms").
+"""Discrete BCQ, offline (Fujimoto et al., 2019, "Benchmarking Batch Deep Reinforcement Learning Algorithms",
+https://arxiv.org/abs/1910.01708).
 
 Offline Q-learning goes wrong where the max in its target picks actions that the dataset never took: their
 values are never corrected, only over-estimated. Batch-Constrained Q-learning keeps the max to actions the
@@ -17,18 +18,7 @@ most likely action: behaviour cloning.
 
 Defaults follow the author's code for non-Atari tasks (sfujim/BCQ, discrete_BCQ): separate Q and imitation
 trunks of 256-256, Polyak target updates (tau 0.005) after every step, Adam 3e-4, batch 64, threshold 0.3.
-(The author's code allows actions with a ratio strictly above the threshold; here, at or above it.)
-
-Why d3rlpy 2.8.1's DiscreteBCQ collapses on the LunarLander expert dataset (185 after 5k steps, -279 after
-50k) and this script does not (245-248 for 3 seeds): its imitation penalty is 0.5 * mean(log_softmax**2),
-50 times this one's weight and on normalised log-probabilities instead of logits. That penalty flattens
-G: where the data always takes one action, the best G it allows is [0.48, 0.17, 0.17, 0.17], whose
-relative probability 0.37 passes the 0.3 threshold, so every action is allowed (3.9 of 4 on average,
-measured) and BCQ becomes unconstrained Double DQN on narrow expert data, which over-estimates and
-collapses like offline DQN. With d3rlpy's beta set to 0.01 and nothing else changed it held 244-248 from
-5k to 50k steps; here 1.1 actions are allowed on average. Its shared Q/imitation trunk and its hard target
-copy every 8000 steps differ from the author's code too, but neither causes or cures the collapse
-(measured one change at a time, one seed each).
+The measured returns, and why d3rlpy's DiscreteBCQ collapses where this script does not, are in results/.
 """
 
 import copy
@@ -99,15 +89,16 @@ class Args:
     gamma: float = 0.99
     """discount factor"""
     threshold: float = 0.3
-    """allowed actions have G(a|s) / max_a G(a|s) >= threshold; 0 is plain DQN, near 1 is behaviour cloning"""
+    """allowed actions have G(a|s) / max_a G(a|s) >= threshold; 0 is plain DQN, near 1 is behaviour cloning
+    (author's code: strictly above the threshold; at or above here, so that 1.0 still allows the likeliest action)"""
     hidden_dim: int = 256
-    """width of the two hidden layers of the Q and imitation networks"""
-    shared_trunk: bool = False
-    """let the Q and imitation networks share their hidden layers (as d3rlpy's DiscreteBCQ does by default)"""
+    """width of the two hidden layers of the Q and imitation networks (separate, as in the author's code)"""
     logit_penalty: float = 1e-2
     """weight of mean(imitation logits ** 2) in the loss"""
     tau: float = 0.005
-    """Polyak averaging rate of the target network, applied after every gradient step"""
+    """target network update rate: target <- target + tau * (online - target); 1.0 is a hard copy"""
+    target_network_frequency: int = 1
+    """gradient steps between target network updates"""
     log_freq: int = 100
     """gradient steps between loss logs"""
 
@@ -120,7 +111,8 @@ def fail(message: str) -> NoReturn:
 
 def validate_args(args: Args) -> None:
     """Refuse flags that cannot make a run, before anything is written."""
-    for name in ("total_steps", "eval_freq", "eval_episodes", "threads", "batch_size", "hidden_dim", "log_freq"):
+    for name in ("total_steps", "eval_freq", "eval_episodes", "threads", "batch_size", "hidden_dim", "log_freq",
+                 "target_network_frequency"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.seed < 0:
@@ -177,29 +169,25 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
         if not np.isfinite(arrays[key]).all():
             fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
                  f"drop those transitions or collect the dataset again")
-    data = {
-        "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
-        "actions": torch.tensor(arrays["actions"], dtype=torch.long, device=device),
-        "rewards": torch.tensor(arrays["rewards"], dtype=torch.float32, device=device),
-        "next_observations": torch.tensor(arrays["next_observations"], dtype=torch.float32, device=device),
-        # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
-        "terminations": torch.tensor(arrays["terminations"], dtype=torch.float32, device=device),
-    }
+    # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
+    data = {key: torch.tensor(arrays[key], dtype=torch.long if key == "actions" else torch.float32, device=device)
+            for key in keys}
     return data, metadata
 
 
 # ------------------------------------------------------------------------------------------------- networks
-def mlp_trunk(obs_dim: int, hidden_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+def mlp(input_dim: int, hidden_dim: int) -> nn.Sequential:
+    """Two hidden layers with ReLU: the trunk that a linear head reads."""
+    return nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
 
 
 class BCQNetwork(nn.Module):
     """The Q-network and the imitation network G(a|s), in one module so that one target copy serves both."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden_dim: int, shared_trunk: bool):
+    def __init__(self, obs_dim: int, n_actions: int, hidden_dim: int):
         super().__init__()
-        self.q_trunk = mlp_trunk(obs_dim, hidden_dim)
-        self.imitation_trunk = self.q_trunk if shared_trunk else mlp_trunk(obs_dim, hidden_dim)
+        self.q_trunk = mlp(obs_dim, hidden_dim)
+        self.imitation_trunk = mlp(obs_dim, hidden_dim)
         self.q_head = nn.Linear(hidden_dim, n_actions)
         self.imitation_head = nn.Linear(hidden_dim, n_actions)
 
@@ -211,6 +199,20 @@ class BCQNetwork(nn.Module):
         return self.q_head(self.q_trunk(observations))
 
 
+class ActingPolicy(nn.Module):
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+
+    def __init__(self, network: BCQNetwork, threshold: float):
+        super().__init__()
+        self.network = network
+        self.threshold = threshold
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        q_values, imitation_logits = self.network(observations)
+        return masked_greedy(q_values, allowed_actions(imitation_logits, self.threshold))[1]
+
+
+# ------------------------------------------------------------------------------------------------- the maths
 def allowed_actions(imitation_logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Mask of the actions with G(a|s) / max_a' G(a'|s) >= threshold. The ratio of softmax probabilities is
     exp(logit - max logit), so no normalisation is needed; the most likely action is always allowed."""
@@ -233,18 +235,6 @@ def bcq_target(
     return rewards + gamma * (1.0 - terminations) * next_value
 
 
-class ActingPolicy(nn.Module):
-    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
-
-    def __init__(self, network: BCQNetwork, threshold: float):
-        super().__init__()
-        self.network, self.threshold = network, threshold
-
-    def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        q_values, imitation_logits = self.network(observations)
-        return masked_greedy(q_values, allowed_actions(imitation_logits, self.threshold))[1]
-
-
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
              video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
@@ -264,7 +254,9 @@ def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma:
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    running = np.ones(episodes, dtype=bool)
+    discount = 1.0
+    q_initial = None
     acting.eval()
     while running.any():
         with torch.no_grad():
@@ -453,15 +445,18 @@ if __name__ == "__main__":
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
-    network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
-    target_network = BCQNetwork(obs_dim, n_actions, args.hidden_dim, args.shared_trunk).to(device)
+    network = BCQNetwork(obs_dim, n_actions, args.hidden_dim).to(device)
+    target_network = BCQNetwork(obs_dim, n_actions, args.hidden_dim).to(device)
     target_network.load_state_dict(network.state_dict())
     optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, fused=True)
     acting = ActingPolicy(network, args.threshold)
     num_transitions = len(data["rewards"])
-    # All that a checkpoint holds, besides the RNGs: the Polyak-averaged target network too.
+    # All that a checkpoint holds, besides the RNGs: the averaged target network too.
     state = {"network": network, "target_network": target_network, "optimizer": optimizer}
-    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    first_step = 1
+    evaluations = []
+    eval_time = 0.0
+    wall_time = 0.0
     if checkpoint:
         for name, part in state.items():
             part.load_state_dict(checkpoint["state"][name])
@@ -471,9 +466,11 @@ if __name__ == "__main__":
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
           f"run folder {run_dir}" + (f", resumed after step {first_step - 1}" if checkpoint else ""))
 
-    start_time, last_losses = time.time() - wall_time, {}
+    start_time = time.time() - wall_time
+    last_losses = {}
     signal.signal(signal.SIGINT, stop_after_this_step)
     for global_step in range(first_step, args.total_steps + 1):
+        # ALGO LOGIC: training
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions = data["observations"][indices], data["actions"][indices]
         rewards, next_observations = data["rewards"][indices], data["next_observations"][indices]
@@ -492,18 +489,19 @@ if __name__ == "__main__":
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            # One fused lerp over all parameters: target <- target + tau * (online - target).
-            torch._foreach_lerp_(list(target_network.parameters()), list(network.parameters()), args.tau)
+        if global_step % args.target_network_frequency == 0:
+            with torch.no_grad():  # one fused lerp over all parameters; with tau 1.0 it is an exact copy
+                torch._foreach_lerp_(list(target_network.parameters()), list(network.parameters()), args.tau)
+        # ALGO LOGIC END
 
         if global_step % args.log_freq == 0:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = {"td_loss": td_loss.item(), "imitation_loss": imitation_loss.item(),
                       "logit_loss": logit_loss.item(), "loss": loss.item()}
             if not np.isfinite(losses["loss"]):
+                rounded = {name: round(value, 6) for name, value in last_losses.items()}
                 fail(f"the loss became {losses['loss']} at gradient step {global_step} (checked every --log-freq "
-                     f"steps); last finite losses: { {name: round(value, 6) for name, value in last_losses.items()} }. "
-                     f"Try a lower --learning-rate.")
+                     f"steps); last finite losses: {rounded}. Try a lower --learning-rate.")
             last_losses = losses
             for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)

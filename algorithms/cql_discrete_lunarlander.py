@@ -1,4 +1,5 @@
-"""Offline CQL(H) on a DQN for discrete actions (Kumar et al., 2020, "Conservative Q-Learning for Offline RL").
+"""Offline CQL(H) on a DQN for discrete actions (Kumar et al., 2020, "Conservative Q-Learning for Offline
+Reinforcement Learning", https://arxiv.org/abs/2006.04779).
 
 The Q-network never acts during training: it learns from a fixed dataset of transitions. Plain DQN then
 over-estimates the actions the dataset never took (nothing ever corrects them), and its greedy policy picks
@@ -15,13 +16,8 @@ unseen actions are kept below those of seen ones, and the learned Q is a lower b
 
 At each evaluation `diagnostics/q_initial` (the mean of max_a Q(s0, a) over the evaluation episodes' first
 states) is logged next to `diagnostics/discounted_return_initial` (what those episodes really got): offline
-DQN over-estimates, CQL stays at or below the truth. Datasets come from data_collection/collect_dataset.py.
-
-Defaults: Adam 1e-3, batch 64, gamma 0.99, cql_alpha 1, Huber TD loss, a hard target copy every 1000 steps,
-50k gradient steps. On the 200k-transition LunarLander-v3 expert dataset they reach 235-246 (3 seeds) in
-about 2 minutes on one CPU core, where offline DQN (`--cql-alpha 0`) falls to -190 to -232 while predicting
-Q(s0) of about 50 for episodes whose real discounted return is negative. With the hard target copy Q-values
-rise towards their fixed point slowly (50 copies in 50k steps), so CQL's q_initial stays well below the truth.
+DQN over-estimates, CQL stays at or below the truth. Datasets come from data_collection/collect_dataset.py;
+the measured returns are in results/.
 """
 
 import copy
@@ -98,12 +94,10 @@ class Args:
     """TD loss: Huber (smooth L1, as in DQN) or mean squared error"""
     double_dqn: bool = False
     """Double DQN target: the online network picks the next action, the target network values it"""
-    target_update: Literal["hard", "polyak"] = "hard"
-    """target network: hard copy every --target-network-frequency steps, or Polyak averaging with --tau each step"""
+    tau: float = 1.0
+    """target network update rate: target <- target + tau * (online - target); 1.0 is DQN's hard copy"""
     target_network_frequency: int = 1000
-    """gradient steps between hard target copies"""
-    tau: float = 0.005
-    """Polyak averaging rate of the target network"""
+    """gradient steps between target network updates"""
     log_freq: int = 100
     """gradient steps between loss logs"""
 
@@ -172,14 +166,9 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
         if not np.isfinite(arrays[key]).all():
             fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
                  f"drop those transitions or collect the dataset again")
-    data = {
-        "observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
-        "actions": torch.tensor(arrays["actions"], dtype=torch.long, device=device),
-        "rewards": torch.tensor(arrays["rewards"], dtype=torch.float32, device=device),
-        "next_observations": torch.tensor(arrays["next_observations"], dtype=torch.float32, device=device),
-        # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
-        "terminations": torch.tensor(arrays["terminations"], dtype=torch.float32, device=device),
-    }
+    # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
+    data = {key: torch.tensor(arrays[key], dtype=torch.long if key == "actions" else torch.float32, device=device)
+            for key in keys}
     return data, metadata
 
 
@@ -197,6 +186,18 @@ class QNetwork(nn.Module):
         return self.network(observations)
 
 
+class ActingPolicy(nn.Module):
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+
+    def __init__(self, q_network: QNetwork):
+        super().__init__()
+        self.q_network = q_network
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.q_network(observations).argmax(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------- the maths
 def cql_penalty(q_values: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """CQL(H) regulariser, eq. 4 of Kumar et al. (2020): mean over s of logsumexp_a Q(s, a) - Q(s, a_data)."""
     logsumexp_q = torch.logsumexp(q_values, dim=1)
@@ -214,17 +215,6 @@ def td_target(
     next_actions = chooser.argmax(dim=1, keepdim=True)
     next_value = next_q_target.gather(1, next_actions).squeeze(1)
     return rewards + gamma * (1.0 - terminations) * next_value
-
-
-class ActingPolicy(nn.Module):
-    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
-
-    def __init__(self, q_network: QNetwork):
-        super().__init__()
-        self.q_network = q_network
-
-    def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.q_network(observations).argmax(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -245,7 +235,9 @@ def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma:
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    running = np.ones(episodes, dtype=bool)
+    discount = 1.0
+    q_initial = None
     acting.eval()
     while running.any():
         with torch.no_grad():
@@ -439,9 +431,12 @@ if __name__ == "__main__":
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     num_transitions = len(data["rewards"])
-    # All that a checkpoint holds, besides the RNGs; the hard target copies follow global_step.
+    # All that a checkpoint holds, besides the RNGs; the target updates follow global_step.
     state = {"q_network": q_network, "target_network": target_network, "optimizer": optimizer}
-    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    first_step = 1
+    evaluations = []
+    eval_time = 0.0
+    wall_time = 0.0
     if checkpoint:
         for name, part in state.items():
             part.load_state_dict(checkpoint["state"][name])
@@ -451,9 +446,11 @@ if __name__ == "__main__":
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
           f"run folder {run_dir}" + (f", resumed after step {first_step - 1}" if checkpoint else ""))
 
-    start_time, last_losses = time.time() - wall_time, {}
+    start_time = time.time() - wall_time
+    last_losses = {}
     signal.signal(signal.SIGINT, stop_after_this_step)
     for global_step in range(first_step, args.total_steps + 1):
+        # ALGO LOGIC: training
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions = data["observations"][indices], data["actions"][indices]
         rewards, next_observations = data["rewards"][indices], data["next_observations"][indices]
@@ -470,20 +467,18 @@ if __name__ == "__main__":
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if args.target_update == "polyak":
-            with torch.no_grad():
-                # One fused lerp over all parameters: target <- target + tau * (online - target).
+        if global_step % args.target_network_frequency == 0:
+            with torch.no_grad():  # one fused lerp over all parameters; with tau 1.0 it is an exact copy
                 torch._foreach_lerp_(list(target_network.parameters()), list(q_network.parameters()), args.tau)
-        elif global_step % args.target_network_frequency == 0:
-            target_network.load_state_dict(q_network.state_dict())
+        # ALGO LOGIC END
 
         if global_step % args.log_freq == 0:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = {"td_loss": td_loss.item(), "cql_loss": cql_loss.item(), "loss": loss.item()}
             if not np.isfinite(losses["loss"]):
+                rounded = {name: round(value, 6) for name, value in last_losses.items()}
                 fail(f"the loss became {losses['loss']} at gradient step {global_step} (checked every --log-freq "
-                     f"steps); last finite losses: { {name: round(value, 6) for name, value in last_losses.items()} }. "
-                     f"Try a lower --learning-rate.")
+                     f"steps); last finite losses: {rounded}. Try a lower --learning-rate.")
             last_losses = losses
             for name, value in losses.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)

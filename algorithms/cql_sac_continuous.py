@@ -72,7 +72,7 @@ class Args:
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
     total_steps: int = 60_000
-    """number of gradient steps (the paper: 1M, out of reach of one CPU core in an hour)"""
+    """number of gradient steps (paper: 1M; 60k here: 1M is out of reach of one CPU core in an hour)"""
     eval_freq: int = 5_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -86,7 +86,7 @@ class Args:
 
     # CQL-SAC
     actor_lr: float = 3e-5
-    """Adam learning rate of the actor (CORL's; the paper 1e-4)"""
+    """Adam learning rate of the actor (paper: 1e-4; 3e-5 here: CORL's, results/ablations.md)"""
     critic_lr: float = 3e-4
     """Adam learning rate of the critics"""
     alpha_lr: float = 3e-4
@@ -98,21 +98,21 @@ class Args:
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.02
-    """Polyak averaging rate of the target critics (the paper 0.005: the critic settles 4x sooner at 0.02)"""
+    """Polyak averaging rate of the target critics (paper: 0.005; 0.02 here: the critic settles 4x sooner)"""
     hidden_dim: int = 256
     """width of the hidden layers of the actor and the critics"""
     num_layers: int = 2
-    """hidden layers of the actor and the critics (the official code 3: 2 cost half as much)"""
+    """hidden layers of the actor and the critics (official code: 3; 2 here: half the cost per update)"""
     layer_norm: bool = False
     """LayerNorm before each hidden ReLU of the critics (ReBRAC's; Yue et al. 2023: it stops Q divergence)"""
     normalize_observations: bool = True
-    """feed the networks observations standardised with the dataset's mean and std (kept in the saved model)"""
+    """standardise observations with the dataset's mean and std, kept in the saved model (paper: raw; CORL's)"""
     cql_alpha: float = 20.0
     """weight of the conservative term; 0 gives plain offline SAC"""
     num_random: int = 10
     """sampled actions of each of the three kinds per state in the log-sum-exp"""
     cql_states: int = 32
-    """states of the batch eq. 4 is estimated on (the paper: all 256): unbiased, and 2.6x the updates per second"""
+    """states of the batch eq. 4 is estimated on (paper: all 256; 32 here: unbiased, 2.6x the updates/s)"""
     lagrange: bool = False
     """tune cql_alpha automatically to keep the conservative gap at --target-action-gap"""
     target_action_gap: float = 10.0
@@ -260,6 +260,17 @@ class TanhGaussianActor(nn.Module):
         return torch.tanh(self.network(self.normalize(observations)).chunk(2, dim=-1)[0])
 
 
+# ------------------------------------------------------------------------------------------------- the maths
+def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Env units [low, high] -> [-1, 1]."""
+    return 2.0 * (actions - low) / (high - low) - 1.0
+
+
+def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> env units [low, high]."""
+    return low + 0.5 * (actions + 1.0) * (high - low)
+
+
 def tanh_log_jacobian(pre_tanh: torch.Tensor) -> torch.Tensor:
     """log(1 - tanh(x)^2), written stably as 2 * (log 2 - x - softplus(-2x))."""
     return 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
@@ -291,31 +302,18 @@ def soft_target(
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
-class ActionScaler(nn.Module):
-    """Maps the normalised box [-1, 1]^d to the env's bounds [low, high] and back; the bounds are buffers, so that
-    the acting function carries them."""
-
-    def __init__(self, low: np.ndarray, high: np.ndarray, device: torch.device):
-        super().__init__()
-        self.register_buffer("low", torch.tensor(low, dtype=torch.float32, device=device))
-        self.register_buffer("high", torch.tensor(high, dtype=torch.float32, device=device))
-
-    def to_env(self, actions: torch.Tensor) -> torch.Tensor:
-        return self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
-
-    def to_normalised(self, actions: torch.Tensor) -> torch.Tensor:
-        return (2.0 * (actions - self.low) / (self.high - self.low) - 1.0).clamp(-1.0, 1.0)
-
-
 class ActingPolicy(nn.Module):
-    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out.
+    The env's action bounds are buffers, so that the exported program carries them."""
 
-    def __init__(self, actor: TanhGaussianActor, scaler: ActionScaler):
+    def __init__(self, actor: TanhGaussianActor, low: torch.Tensor, high: torch.Tensor):
         super().__init__()
-        self.actor, self.scaler = actor, scaler
+        self.actor = actor
+        self.register_buffer("low", low)
+        self.register_buffer("high", high)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.scaler.to_env(self.actor.deterministic(observations))
+        return unnormalize_actions(self.actor.deterministic(observations), self.low, self.high)
 
 
 def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: int, seed: int, gamma: float,
@@ -337,7 +335,9 @@ def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: in
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    running = np.ones(episodes, dtype=bool)
+    discount = 1.0
+    q_initial = None
     while running.any():
         with torch.no_grad():
             observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
@@ -514,12 +514,13 @@ if __name__ == "__main__":
     if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
         fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
     probe_env.close()
-    scaler = ActionScaler(action_space.low, action_space.high, device)
+    low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
+    high = torch.tensor(action_space.high, dtype=torch.float32, device=device)
     data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
-    if not args.clip_actions and ((data_min < scaler.low - 1e-4).any() or (data_max > scaler.high + 1e-4).any()):
+    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
         fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
              f"bounds [{action_space.low.tolist()}, {action_space.high.tolist()}]; --clip-actions clips them")
-    data["actions"] = scaler.to_normalised(data["actions"])
+    data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
 
     run_dir = Path(args.resume) if checkpoint else make_run_dir(
         f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
@@ -542,7 +543,7 @@ if __name__ == "__main__":
         for normalizer in (actor.normalize, critic.normalize):
             normalizer.mean.copy_(obs_mean)
             normalizer.std.copy_(obs_std)
-    acting = ActingPolicy(actor, scaler)
+    acting = ActingPolicy(actor, low, high)
     target_critic = TwinCritic(obs_dim, action_dim, args.hidden_dim, args.num_layers, args.layer_norm).to(device)
     target_critic.load_state_dict(critic.state_dict())
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.bc_actor_lr if args.bc_steps > 0 else args.actor_lr)
@@ -555,12 +556,16 @@ if __name__ == "__main__":
     entropy_optimizer = torch.optim.Adam([log_entropy_alpha], lr=args.alpha_lr)
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
     cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha], lr=args.alpha_lr)
-    num_transitions, repeats = len(data["rewards"]), args.num_random
+    num_transitions = len(data["rewards"])
+    repeats = args.num_random
     # All that a checkpoint holds, besides the RNGs; the actor's lr, switched at bc_steps, is in its optimizer's.
     state = {"actor": actor, "critic": critic, "target_critic": target_critic, "log_alphas": log_alphas,
              "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer,
              "entropy_optimizer": entropy_optimizer, "cql_alpha_optimizer": cql_alpha_optimizer}
-    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    first_step = 1
+    evaluations = []
+    eval_time = 0.0
+    wall_time = 0.0
     if checkpoint:
         for name, part in state.items():
             part.load_state_dict(checkpoint["state"][name])
@@ -570,12 +575,16 @@ if __name__ == "__main__":
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
           f"run folder {run_dir}" + (f", resumed after step {first_step - 1}" if checkpoint else ""))
 
-    start_time, last_losses, last_print = time.time() - wall_time, {}, time.time()
+    start_time = time.time() - wall_time
+    last_losses = {}
+    last_print = time.time()
     signal.signal(signal.SIGINT, stop_after_this_step)
     for global_step in range(first_step, args.total_steps + 1):
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions = data["observations"][indices], data["actions"][indices]
         rewards, next_observations = data["rewards"][indices], data["next_observations"][indices]
+
+        # ALGO LOGIC: training
         entropy_alpha = log_entropy_alpha.exp().detach()
 
         # Critics: TD loss (eq. 2 of SAC with CQL's deterministic backup) plus the conservative gap (eq. 4).
@@ -636,6 +645,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             # One fused lerp over all parameters: target <- target + tau * (online - target).
             torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
+        # ALGO LOGIC END
 
         if global_step % args.log_freq == 0:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.

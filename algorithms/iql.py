@@ -16,8 +16,8 @@ The actor is advantage-weighted behaviour cloning (beta 3). Q' are Polyak-averag
     python algorithms/iql.py --dataset datasets/LunarLander-v3/noisy.npz
 
 Both action kinds, chosen by the dataset: Box actions in the normalised box [-1, 1]^d (mapped to the env's bounds
-when acting), or Discrete ones (the Actor and TwinCritic say how). Defaults are the paper's for locomotion
-(ikostrikov/implicit_q_learning), except where a field says otherwise.
+when acting), or Discrete ones (the Actor and TwinCritic say how). Defaults are those of the paper's code for
+locomotion, ikostrikov/implicit_q_learning, except where a field says otherwise.
 """
 
 import copy
@@ -63,14 +63,13 @@ class Args:
     capture_video: bool = False
     """record the first evaluation episode of each evaluation to <run folder>/videos"""
     save_model: bool = True
-    """save nn.ModuleDict(actor=..., critic=..., value=...)'s state_dict to <run folder>/<exp_name>.pt and the acting
-    function to policy.pt2"""
+    """save actor, critic and value (one nn.ModuleDict's state_dict) to <run folder>/<exp_name>.pt, and policy.pt2"""
     dataset: str = "datasets/Hopper-v5/medium-expert.npz"
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
     total_steps: int = 100_000
-    """number of gradient steps (the paper: 1M, 3.2 hours on one CPU core; 100k, about 19 minutes)"""
+    """number of gradient steps (paper: 1M; 100k here: 19 minutes on one CPU core, not 3.2 hours)"""
     eval_freq: int = 10_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -102,7 +101,8 @@ class Args:
     normalize_rewards: bool = True
     """multiply rewards by 1000 / (max - min) of the dataset's episode returns (the paper's, for locomotion)"""
     normalize_observations: bool = True
-    """standardise observations with the dataset's mean and std, kept in the saved model (not in the paper)"""
+    """standardise observations with the dataset's mean and std, kept in the saved model (paper: raw; here as
+    td3_bc.py does, at no cost per update: the dataset is standardised once)"""
     log_freq: int = 100
     """gradient steps between loss logs"""
 
@@ -233,6 +233,17 @@ class Actor(nn.Module):
         return self.network(observations).argmax(dim=-1) if self.discrete else torch.tanh(self.network(observations))
 
 
+# ------------------------------------------------------------------------------------------------- the maths
+def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Env units [low, high] -> [-1, 1]."""
+    return 2.0 * (actions - low) / (high - low) - 1.0
+
+
+def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> env units [low, high]."""
+    return low + 0.5 * (actions + 1.0) * (high - low)
+
+
 def expectile_loss(differences: torch.Tensor, expectile: float) -> torch.Tensor:
     """L2_tau(u) = |tau - 1(u < 0)| * u^2 averaged over the batch, u = Q(s, a) - V(s): the paper's eq. 5."""
     weight = torch.where(differences < 0, 1.0 - expectile, expectile)
@@ -249,6 +260,7 @@ def iql_target(rewards: torch.Tensor, terminations: torch.Tensor, next_v: torch.
     return rewards + gamma * (1.0 - terminations) * next_v
 
 
+# ------------------------------------------------------------------------------------------------- evaluation
 class ActingPolicy(nn.Module):
     """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
 
@@ -260,10 +272,9 @@ class ActingPolicy(nn.Module):
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         actions = self.actor.deterministic(self.actor.normalize(observations))
-        return actions if self.actor.discrete else self.low + 0.5 * (actions + 1.0) * (self.high - self.low)
+        return actions if self.actor.discrete else unnormalize_actions(actions, self.low, self.high)
 
 
-# ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: int, seed: int, gamma: float,
              reward_scale: float, device: torch.device, video_folder: Optional[Path] = None,
              video_prefix: str = "eval") -> dict[str, np.ndarray]:
@@ -283,7 +294,9 @@ def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: in
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    running = np.ones(episodes, dtype=bool)
+    discount = 1.0
+    q_initial = None
     while running.any():
         with torch.no_grad():
             observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
@@ -445,26 +458,29 @@ if __name__ == "__main__":
         probe_env = gym.make(env_id)
     except gym.error.Error as error:
         fail(f"cannot make env {env_id!r}: {error}")
-    space, obs_dim = probe_env.action_space, data["observations"].shape[1]
-    discrete, described = data["actions"].dtype == torch.long, metadata.get("action_space", {})
+    space = probe_env.action_space
+    obs_dim = data["observations"].shape[1]
+    discrete = data["actions"].dtype == torch.long
+    described = metadata.get("action_space", {})
     if discrete:
         n_actions, action_dim = described.get("n", int(data["actions"].max()) + 1), 0
-        low, high = torch.zeros(0, device=device), torch.zeros(0, device=device)  # the acting function's buffers
         data_space = gym.spaces.Discrete(n_actions)
     else:
         n_actions, action_dim = 0, data["actions"].shape[1]
-        low, high = (np.array(described.get(key, getattr(space, key, np.zeros(action_dim))), dtype=np.float32)
-                     for key in ("low", "high"))
-        data_space = gym.spaces.Box(low, high, dtype=np.float32)
+        data_low, data_high = (np.array(described.get(key, getattr(space, key, np.zeros(action_dim))),
+                                        dtype=np.float32) for key in ("low", "high"))
+        data_space = gym.spaces.Box(data_low, data_high, dtype=np.float32)
     if probe_env.observation_space.shape != (obs_dim,) or space != data_space:
         fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions {data_space}, "
              f"env {env_id} has observation shape {probe_env.observation_space.shape} and actions {space}")
-    if not discrete and not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
-        fail(f"{env_id} has unbounded actions {space}; the actor's tanh needs finite bounds")
-    if discrete and (data["actions"].min() < 0 or data["actions"].max() >= n_actions):
-        fail(f"{args.dataset}: actions range over {data['actions'].min().item()}..{data['actions'].max().item()}, "
-             f"outside the env's 0..{n_actions - 1}")
-    if not discrete:
+    if discrete:
+        if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
+            fail(f"{args.dataset}: actions range over {data['actions'].min().item()}..{data['actions'].max().item()}, "
+                 f"outside the env's 0..{n_actions - 1}")
+        low, high = torch.zeros(0, device=device), torch.zeros(0, device=device)  # the acting function's buffers
+    else:
+        if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+            fail(f"{env_id} has unbounded actions {space}; the actor's tanh needs finite bounds")
         low, high = (torch.tensor(bound, dtype=torch.float32, device=device) for bound in (space.low, space.high))
         data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
         if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
@@ -497,14 +513,15 @@ if __name__ == "__main__":
     data["observations"] = actor.normalize(data["observations"])
     data["next_observations"] = actor.normalize(data["next_observations"])
     if not discrete:
-        data["actions"] = (2.0 * (data["actions"] - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
+        data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
     return_range = float(np.ptp(episode_returns)) if args.normalize_rewards and len(episode_returns) > 1 else 0.0
     reward_scale = 1000.0 / return_range if return_range > 0 else 1.0
     data["rewards"] = data["rewards"] * reward_scale
     target_critic = copy.deepcopy(critic)
     acting = ActingPolicy(actor, low, high)
     # The three losses touch disjoint parameters (targets and advantages are detached), so one backward pass and one
-    # Adam step over their sum is the same update as three, at less cost. Only the actor's group decays (cosine).
+    # Adam step over their sum update all three from the same parameters, at less cost; the authors' code updates V
+    # first and uses the new V in the other two losses. Only the actor's group decays (cosine).
     groups = [{"params": module.parameters()} for module in (actor, critic, value)]
     optimizer = torch.optim.Adam(groups, lr=args.learning_rate, fused=True)
     decay = [lambda step: 0.5 * (1.0 + math.cos(math.pi * step / args.total_steps)), lambda _: 1.0, lambda _: 1.0]
@@ -513,23 +530,26 @@ if __name__ == "__main__":
     # All that a checkpoint holds, besides the RNGs; the reward scale follows from the dataset.
     state = {"actor": actor, "critic": critic, "target_critic": target_critic, "value": value,
              "optimizer": optimizer, "schedule": schedule}
-    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    first_step = checkpoint["step"] + 1 if checkpoint else 1
+    evaluations = checkpoint["evaluations"] if checkpoint else []
+    eval_time = checkpoint["eval_time_s"] if checkpoint else 0.0
+    wall_time = checkpoint["wall_time_s"] if checkpoint else 0.0
     if checkpoint:
         for name, part in state.items():
             part.load_state_dict(checkpoint["state"][name])
         set_rng_states(checkpoint["rng"])
-        first_step, evaluations = checkpoint["step"] + 1, checkpoint["evaluations"]
-        eval_time, wall_time = checkpoint["eval_time_s"], checkpoint["wall_time_s"]
     resumed = f", resumed after step {first_step - 1}" if checkpoint else ""
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset} (rewards x {reward_scale:.4g}), "
           f"evaluating on {env_id}, run folder {run_dir}{resumed}")
 
-    start_time, last_losses = time.time() - wall_time, {}
+    start_time = time.time() - wall_time
+    last_losses = {}
     signal.signal(signal.SIGINT, stop_after_this_step)
     for global_step in range(first_step, args.total_steps + 1):
+        # ALGO LOGIC: training
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
-        observations, actions, rewards = (data[key][indices] for key in ("observations", "actions", "rewards"))
-        next_observations, terminations = data["next_observations"][indices], data["terminations"][indices]
+        observations, actions, rewards, next_observations, terminations = (
+            data[key][indices] for key in ("observations", "actions", "rewards", "next_observations", "terminations"))
 
         # Value (eq. 5): V(s) regresses on the target critics' Q of the data's action, towards its upper expectile.
         with torch.no_grad():
@@ -550,6 +570,7 @@ if __name__ == "__main__":
         schedule.step()
         with torch.no_grad():  # one fused lerp over all parameters: target <- target + tau * (online - target)
             torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
+        # ALGO LOGIC END
 
         if global_step % args.log_freq == 0:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
@@ -571,12 +592,10 @@ if __name__ == "__main__":
             eval_time += time.time() - eval_start
             mean_return = float(result["returns"].mean())
             score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluation = {
-                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
-                "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
-                "discounted_return_initial": float(result["discounted_returns"].mean()),
-                "returns": result["returns"].tolist(),
-            }
+            evaluation = {"step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
+                          "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
+                          "discounted_return_initial": float(result["discounted_returns"].mean()),
+                          "returns": result["returns"].tolist()}
             evaluations.append(evaluation)
             writer.add_scalar("eval/episodic_return", mean_return, global_step)
             if score is not None:

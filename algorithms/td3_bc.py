@@ -11,9 +11,9 @@ gains a behaviour-cloning term that keeps pi(s) near the data's action, and obse
     observations: (s - mean) / (std + 1e-3), the dataset's statistics                                    (eq. 5)
 
 Dividing by the batch's mean |Q| makes alpha weigh the two terms alike whatever the rewards' scale, and the
-gradient of lambda is not taken. TD3's three pieces stay: clipped double Q (the min), target policy smoothing
-(noise sigma 0.2, clipped at c 0.5) and the delayed actor (the actor and the targets move every --policy-freq 2
-critic updates). Everything costs about two TD3 updates: no sampled actions, no generative model.
+gradient of lambda is not taken. TD3's three pieces stay: clipped double Q (the min), target policy smoothing with
+noise sigma 0.2 clipped at c 0.5, and the delayed actor: the actor and the targets move every --policy-freq 2
+critic updates. Everything costs about two TD3 updates: no sampled actions, no generative model.
 
     python algorithms/td3_bc.py --dataset datasets/Hopper-v5/medium-expert.npz
     python algorithms/td3_bc.py --dataset datasets/Hopper-v5/medium-expert.npz --total-steps 1000000   # the paper's
@@ -73,7 +73,7 @@ class Args:
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
     total_steps: int = 100_000
-    """number of critic updates (the paper: 1M, 2.5 hours on one CPU core; 100k, about 15 minutes)"""
+    """number of critic updates (paper: 1M; 100k here: 1M is 2.5 hours on a CPU core, results/speed_td3_bc_iql.md)"""
     eval_freq: int = 10_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -99,8 +99,7 @@ class Args:
     tau: float = 0.005
     """Polyak averaging rate of the target actor and critics, applied at each actor update"""
     alpha: float = 1.0
-    """weight of Q against behaviour cloning (eq. 4). The paper: 2.5, at which the critic diverged on data of
-    deterministic agents (Hopper: Q at 8x the data's discounted return); 1 stayed bounded (results/td3_bc_iql.md)"""
+    """weight of Q against behaviour cloning, eq. 4 (paper: 2.5; 1 here: at 2.5 Q diverged, results/td3_bc_iql.md)"""
     policy_noise: float = 0.2
     """std of the target policy smoothing noise, in the normalised action box"""
     noise_clip: float = 0.5
@@ -195,6 +194,16 @@ def mlp(input_dim: int, output_dim: int, hidden_dim: int, layer_norm: bool = Fal
     return nn.Sequential(*layers, nn.Linear(width, output_dim))
 
 
+def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Env units [low, high] -> [-1, 1]."""
+    return 2.0 * (actions - low) / (high - low) - 1.0
+
+
+def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> env units [low, high]."""
+    return low + 0.5 * (actions + 1.0) * (high - low)
+
+
 class Actor(nn.Module):
     """pi(s) = tanh(network(s)) in [-1, 1]^d on standardised observations. The dataset's observation mean and std
     and the env's action bounds are buffers, so the saved actor acts on its own: act() takes raw observations."""
@@ -216,8 +225,7 @@ class Actor(nn.Module):
 
     def act(self, observations: torch.Tensor) -> torch.Tensor:
         """Actions in the env's units for raw observations."""
-        actions = self.forward(self.normalize(observations))
-        return self.action_low + 0.5 * (actions + 1.0) * (self.action_high - self.action_low)
+        return unnormalize_actions(self.forward(self.normalize(observations)), self.action_low, self.action_high)
 
 
 class TwinCritic(nn.Module):
@@ -233,6 +241,18 @@ class TwinCritic(nn.Module):
         return self.q1(inputs).squeeze(-1), self.q2(inputs).squeeze(-1)
 
 
+class ActingPolicy(nn.Module):
+    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
+
+    def __init__(self, actor: Actor):
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.actor.act(observations)
+
+
+# ------------------------------------------------------------------------------------------------- the maths
 def smoothed_target_actions(target_actions: torch.Tensor, noise: torch.Tensor, noise_clip: float) -> torch.Tensor:
     """TD3's target policy smoothing: pi'(s') + noise clipped to +-noise_clip, the sum clipped to the box [-1, 1]."""
     return (target_actions + noise.clamp(-noise_clip, noise_clip)).clamp(-1.0, 1.0)
@@ -251,17 +271,6 @@ def td3_bc_actor_loss(q_policy: torch.Tensor, policy_actions: torch.Tensor, data
     lmbda = alpha / q_policy.abs().mean().detach()
     bc_term = F.mse_loss(policy_actions, data_actions)
     return -lmbda * q_policy.mean() + bc_term, lmbda, bc_term
-
-
-class ActingPolicy(nn.Module):
-    """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
-
-    def __init__(self, actor: Actor):
-        super().__init__()
-        self.actor = actor
-
-    def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.actor.act(observations)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -283,7 +292,9 @@ def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: in
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
     returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running, discount, q_initial = np.ones(episodes, dtype=bool), 1.0, None
+    running = np.ones(episodes, dtype=bool)
+    discount = 1.0
+    q_initial = None
     while running.any():
         with torch.no_grad():
             observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
@@ -486,7 +497,7 @@ if __name__ == "__main__":
     # (and those --clip-actions lets through).
     data["observations"] = actor.normalize(data["observations"])
     data["next_observations"] = actor.normalize(data["next_observations"])
-    data["actions"] = (2.0 * (data["actions"] - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
+    data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
     target_actor, target_critic = copy.deepcopy(actor), copy.deepcopy(critic)
     acting = ActingPolicy(actor)
     target_parameters = [*target_actor.parameters(), *target_critic.parameters()]
@@ -497,7 +508,10 @@ if __name__ == "__main__":
     # All that a checkpoint holds, besides the RNGs; which steps update the actor follows from global_step.
     state = {"actor": actor, "critic": critic, "target_actor": target_actor, "target_critic": target_critic,
              "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
-    first_step, evaluations, eval_time, wall_time = 1, [], 0.0, 0.0
+    first_step = 1
+    evaluations = []
+    eval_time = 0.0
+    wall_time = 0.0
     if checkpoint:
         for name, part in state.items():
             part.load_state_dict(checkpoint["state"][name])
@@ -507,10 +521,13 @@ if __name__ == "__main__":
     print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
           f"run folder {run_dir}" + (f", resumed after step {first_step - 1}" if checkpoint else ""))
 
+    start_time = time.time() - wall_time
+    last_losses = {}
     # actor_loss stays None only where a resumed run reaches a log step before its first actor update.
-    start_time, last_losses, actor_loss = time.time() - wall_time, {}, None
+    actor_loss = None
     signal.signal(signal.SIGINT, stop_after_this_step)
     for global_step in range(first_step, args.total_steps + 1):
+        # ALGO LOGIC: training
         indices = torch.randint(num_transitions, (args.batch_size,), device=device)
         observations, actions, rewards = (data[key][indices] for key in ("observations", "actions", "rewards"))
         next_observations, terminations = data["next_observations"][indices], data["terminations"][indices]
@@ -537,8 +554,10 @@ if __name__ == "__main__":
             with torch.no_grad():
                 # One fused lerp over all parameters: target <- target + tau * (online - target).
                 torch._foreach_lerp_(target_parameters, online_parameters, args.tau)
+        # ALGO LOGIC END
 
-        if global_step % args.log_freq == 0:
+        evaluate_now = global_step % args.eval_freq == 0 or global_step == args.total_steps
+        if global_step % args.log_freq == 0 or evaluate_now:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = {"critic_loss": critic_loss.item()}
             if actor_loss is not None:
@@ -555,9 +574,10 @@ if __name__ == "__main__":
             if actor_loss is not None:
                 writer.add_scalar("diagnostics/lambda", lmbda.item(), global_step)
                 writer.add_scalar("diagnostics/bc_mse", bc_term.item(), global_step)
-            writer.add_scalar("charts/SPS", global_step / (time.time() - start_time - eval_time), global_step)
+            sps = global_step / (time.time() - start_time - eval_time)
+            writer.add_scalar("charts/SPS", sps, global_step)
 
-        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+        if evaluate_now:
             eval_start = time.time()
             result = evaluate(acting, critic, env_id, args.eval_episodes, args.seed, args.gamma, device,
                               run_dir / "videos" if args.capture_video else None, f"step{global_step}")
@@ -576,7 +596,6 @@ if __name__ == "__main__":
                 writer.add_scalar("eval/normalized_score", score, global_step)
             for tag in ("q_initial", "discounted_return_initial"):
                 writer.add_scalar(f"diagnostics/{tag}", evaluation[tag], global_step)
-            sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  critic_loss {critic_loss.item():.3f}  "

@@ -42,9 +42,12 @@ import tyro
 import yaml
 from tqdm import tqdm
 
-from dataset_io import DatasetError, default_dataset_path, describe_space, exit_on_dataset_error, prepare_output, save_dataset
+from dataset_io import (
+    DatasetError, default_dataset_path, describe_space, exit_on_dataset_error, prepare_output, save_dataset,
+)
 
-# The expert of each default experiment (DESIGN.md); it also gives the env's "expert" reference return.
+# The expert of each default experiment (the table of default agents in README.md's "Building datasets"); it also
+# gives the env's "expert" reference return.
 DEFAULT_EXPERT_REPOS = {
     "LunarLander-v3": "sb3/ppo-LunarLander-v2",
     "BipedalWalker-v3": "sb3/a2c-BipedalWalker-v3",
@@ -170,7 +173,9 @@ class AgentSource:
         return stem[len(prefix):] if stem.startswith(prefix) else None
 
 
-def agent_source(env_id: str, repo_id: Optional[str], algo: Optional[str], path: Optional[Path]) -> Optional[AgentSource]:
+def agent_source(
+    env_id: str, repo_id: Optional[str], algo: Optional[str], path: Optional[Path]
+) -> Optional[AgentSource]:
     """Resolve the flags to an agent; None when no agent is named and the env has no default expert."""
     if path is not None:
         algo = algo or path.stem.split("-")[0]
@@ -303,7 +308,8 @@ def check_agent_spaces(zip_path: Path, env: gym.Env, source: AgentSource, env_id
         agent_action = space_from_zip(zip_path, "action_space")
     except (zipfile.BadZipFile, KeyError, ValueError) as error:
         raise DatasetError(f"{zip_path} is not a Stable-Baselines3 agent zip: {error}") from None
-    if agent_observation.get("shape") != env_observation.get("shape") or not same_action_space(agent_action, env_action):
+    same_observations = agent_observation.get("shape") == env_observation.get("shape")
+    if not same_observations or not same_action_space(agent_action, env_action):
         raise DatasetError(
             f"agent {source.name} does not fit {env_id}:\n"
             f"  agent: observation {agent_observation}, action {agent_action}\n"
@@ -327,7 +333,9 @@ class Agent:
         env = make_env_checked(env_id)
         classes = algorithm_classes()
         if source.algo not in classes:
-            raise DatasetError(f"unknown algorithm {source.algo!r} for {source.name}; pass --algo, one of {', '.join(classes)}")
+            raise DatasetError(
+                f"unknown algorithm {source.algo!r} for {source.name}; pass --algo, one of {', '.join(classes)}"
+            )
         if source.path is not None:
             if not source.path.is_file():
                 raise DatasetError(f"--agent-path {source.path} does not exist")
@@ -343,11 +351,13 @@ class Agent:
         config = read_zoo_config(config_path)
         for unsupported in ("env_wrapper", "frame_stack"):
             if config.get(unsupported):
-                raise DatasetError(f"{source.name} was trained with {unsupported}={config[unsupported]}, which this collector does not rebuild")
+                raise DatasetError(f"{source.name} was trained with {unsupported}={config[unsupported]}, "
+                                   "which this collector does not rebuild")
         if needs_normalization(config) and normalizer_path is None:
             raise DatasetError(
                 f"{source.name} was trained with VecNormalize (config.yml: normalize) but its vec_normalize.pkl "
-                f"could not be found; download it (`hf download {source.name} vec_normalize.pkl`) or place it next to the zip"
+                f"could not be found; download it (`hf download {source.name} vec_normalize.pkl`) "
+                "or place it next to the zip"
             )
         check_agent_spaces(zip_path, env, source, env_id)
 
@@ -361,7 +371,9 @@ class Agent:
         try:
             self.model = classes[source.algo].load(zip_path, device="cpu", custom_objects=custom_objects)
         except Exception as error:  # a zip of another algorithm or an unreadable file: say which and why
-            raise DatasetError(f"could not load {zip_path} as a {source.algo} agent: {type(error).__name__}: {error}") from None
+            raise DatasetError(
+                f"could not load {zip_path} as a {source.algo} agent: {type(error).__name__}: {error}"
+            ) from None
         self.normalizer = None
         if normalizer_path is not None:
             with open(normalizer_path, "rb") as file:
@@ -385,17 +397,22 @@ def uniform_actions(space: gym.Space, rng: np.random.Generator, count: int) -> n
     return rng.uniform(space.low, space.high, size=(count, *space.shape)).astype(space.dtype)
 
 
-def noisy_policy(expert: Agent, space: gym.Space, rng: np.random.Generator, random_action_prob: float, noise_std: float):
-    """BCQ's imperfect demonstrations: a uniform action with probability p, else the expert's (plus Gaussian noise for Box)."""
+def noisy_policy(
+    expert: Agent, space: gym.Space, rng: np.random.Generator, random_action_prob: float, noise_std: float
+):
+    """BCQ's imperfect demonstrations: a uniform action with probability p, else the expert's (plus Gaussian noise
+    for Box)."""
 
     def act(observations: np.ndarray) -> np.ndarray:
         actions = expert.act(observations)
         count = len(observations)
         if isinstance(space, gym.spaces.Box):
             scale = noise_std * (space.high - space.low) / 2.0
-            actions = np.clip(actions + scale * rng.standard_normal(actions.shape), space.low, space.high).astype(space.dtype)
+            noisy = actions + scale * rng.standard_normal(actions.shape)
+            actions = np.clip(noisy, space.low, space.high).astype(space.dtype)
         take_random = rng.random(count) < random_action_prob
-        return np.where(take_random.reshape(-1, *([1] * (actions.ndim - 1))), uniform_actions(space, rng, count), actions)
+        take_random = take_random.reshape(-1, *([1] * (actions.ndim - 1)))
+        return np.where(take_random, uniform_actions(space, rng, count), actions)
 
     return act
 
@@ -424,7 +441,8 @@ def collect(env_id: str, act: Callable[[np.ndarray], np.ndarray], num_transition
     """
     envs = make_vector_env(env_id, num_envs)
     observations, _ = envs.reset(seed=seed)
-    steps = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")}
+    keys = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")
+    steps = {key: [] for key in keys}
     running_returns = np.zeros(num_envs)
     finished_returns: list[float] = []
     num_steps = -(-num_transitions // num_envs)
@@ -436,7 +454,8 @@ def collect(env_id: str, act: Callable[[np.ndarray], np.ndarray], num_transition
             real_next_observations = next_observations.copy()
             for index in np.flatnonzero(done):
                 real_next_observations[index] = infos["final_obs"][index]
-            for key, value in zip(steps, (observations, actions, rewards, real_next_observations, terminations, truncations)):
+            values = (observations, actions, rewards, real_next_observations, terminations, truncations)
+            for key, value in zip(steps, values):
                 steps[key].append(np.asarray(value))
             running_returns += rewards
             finished_returns.extend(running_returns[done].tolist())
@@ -444,7 +463,8 @@ def collect(env_id: str, act: Callable[[np.ndarray], np.ndarray], num_transition
             observations = next_observations
             bar.update(num_envs)
             if finished_returns:
-                bar.set_postfix(episodes=len(finished_returns), mean_return=f"{np.mean(finished_returns):.1f}", refresh=False)
+                bar.set_postfix(episodes=len(finished_returns), mean_return=f"{np.mean(finished_returns):.1f}",
+                                refresh=False)
     envs.close()
 
     # Arrays are [step, env]; each transition's episode is identified by the step at which it ends (num_steps
@@ -487,7 +507,9 @@ def check_env(env_id: str) -> tuple[gym.spaces.Box, gym.Space]:
         raise DatasetError(f"{env_id} has observations {observation_space}; datasets hold flat vectors (a 1-D Box)")
     if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
         raise DatasetError(f"{env_id} has actions {action_space}; only Discrete and Box are supported")
-    if isinstance(action_space, gym.spaces.Box) and not np.all(np.isfinite(action_space.low) & np.isfinite(action_space.high)):
+    if isinstance(action_space, gym.spaces.Box) and not (
+        np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()
+    ):
         raise DatasetError(f"{env_id} has unbounded actions {action_space}; random actions need finite bounds")
     return observation_space, action_space
 
@@ -500,17 +522,20 @@ def load_agent(source: AgentSource, env_id: str, loaded: dict[str, Agent]) -> Ag
         if trained_on is not None and current_env_id(trained_on) != env_id:
             print(f"warning: {source.name} was trained on {trained_on}, not on {env_id}")
         elif trained_on is not None and trained_on != env_id:
-            print(f"{source.name} was trained on {trained_on}, which today's gymnasium replaces by {env_id}: running it there")
+            print(f"{source.name} was trained on {trained_on}, which today's gymnasium replaces by {env_id}: "
+                  "running it there")
     return loaded[source.name]
 
 
 def measure_reference_returns(
-    env_id: str, action_space: gym.Space, reference_source: Optional[AgentSource], loaded: dict[str, Agent], episodes: int
+    env_id: str, action_space: gym.Space, reference_source: Optional[AgentSource], loaded: dict[str, Agent],
+    episodes: int,
 ) -> dict[str, Any]:
     """Mean returns of a uniform random policy and of the deterministic expert, on the same seeded episodes."""
     seeds = [REFERENCE_SEED + i for i in range(episodes)]
     rng = np.random.default_rng(REFERENCE_SEED)
-    random_returns = run_episodes(env_id, lambda observations: uniform_actions(action_space, rng, len(observations)), seeds)
+    random_returns = run_episodes(
+        env_id, lambda observations: uniform_actions(action_space, rng, len(observations)), seeds)
     expert_returns = None
     if reference_source is None:
         print(f"no expert agent for {env_id}: the expert reference return is left empty (give --reference-repo-id)")
@@ -573,7 +598,8 @@ def main() -> None:
         reference_source = agent_source(args.env_id, args.reference_repo_id, None, args.reference_agent_path)
     else:
         reference_source = agent_source(args.env_id, None, None, None) or collecting_source
-    reference_returns = measure_reference_returns(args.env_id, action_space, reference_source, loaded, args.reference_episodes)
+    reference_returns = measure_reference_returns(
+        args.env_id, action_space, reference_source, loaded, args.reference_episodes)
 
     start = time.time()
     arrays = collect(args.env_id, act, args.num_transitions, args.num_envs, args.seed)

@@ -1,4 +1,5 @@
-"""Reading, checking and writing offline datasets in the format of DESIGN.md, shared by the collectors.
+"""Reading, checking and writing offline datasets, shared by the collectors, in the format below (README.md's
+section "The dataset file" gives the same table with what each key means).
 
 One `.npz` file per dataset (numpy.savez_compressed, loadable with allow_pickle=False):
     observations       float32 [N, obs_dim]   raw env observation
@@ -25,9 +26,12 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 
-ARRAY_KEYS = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations", "episode_returns")
+ARRAY_KEYS = (
+    "observations", "actions", "rewards", "next_observations", "terminations", "truncations", "episode_returns",
+)
 REQUIRED_METADATA = (
-    "env_id", "policy", "agent", "noise", "seed", "num_transitions", "gymnasium_version", "created_by", "reference_returns",
+    "env_id", "policy", "agent", "noise", "seed", "num_transitions", "gymnasium_version", "created_by",
+    "reference_returns",
 )
 
 
@@ -94,16 +98,20 @@ def check_dataset(arrays: dict[str, np.ndarray], metadata: dict[str, Any], sourc
     for key, (dtype, ndim) in expected.items():
         if arrays[key].dtype != dtype or arrays[key].ndim != ndim:
             raise DatasetError(
-                f"{source}: {key} is {arrays[key].dtype} with {arrays[key].ndim} dims, expected {np.dtype(dtype)} with {ndim}"
+                f"{source}: {key} is {arrays[key].dtype} with {arrays[key].ndim} dims, "
+                f"expected {np.dtype(dtype)} with {ndim}"
             )
     actions = arrays["actions"]
     if not ((actions.dtype == np.int64 and actions.ndim == 1) or (actions.dtype == np.float32 and actions.ndim == 2)):
-        raise DatasetError(f"{source}: actions are {actions.dtype} {actions.shape}, expected int64 [N] or float32 [N, act_dim]")
+        raise DatasetError(
+            f"{source}: actions are {actions.dtype} {actions.shape}, expected int64 [N] or float32 [N, act_dim]"
+        )
     for key in ("observations", "actions", "next_observations", "terminations", "truncations"):
         if len(arrays[key]) != num:
             raise DatasetError(f"{source}: {key} has {len(arrays[key])} rows but rewards has {num}")
     if arrays["observations"].shape != arrays["next_observations"].shape:
-        raise DatasetError(f"{source}: observations {arrays['observations'].shape} != next_observations {arrays['next_observations'].shape}")
+        raise DatasetError(f"{source}: observations {arrays['observations'].shape} "
+                           f"!= next_observations {arrays['next_observations'].shape}")
 
 
 def process_alive(pid: int) -> bool:
@@ -152,7 +160,8 @@ def save_dataset(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, 
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(file, **{key: arrays[key] for key in ARRAY_KEYS}, metadata=np.array(json.dumps(metadata)))
+            np.savez_compressed(file, **{key: arrays[key] for key in ARRAY_KEYS},
+                                metadata=np.array(json.dumps(metadata)))
             file.flush()
             os.fchmod(file.fileno(), umask_file_mode())
             os.fsync(file.fileno())
@@ -165,7 +174,9 @@ def save_dataset(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, 
 def load_dataset(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Load and check a dataset file; returns (arrays, metadata)."""
     if not path.is_file():
-        raise DatasetError(f"dataset {path} does not exist; build one with: python data_collection/collect_dataset.py --help")
+        raise DatasetError(
+            f"dataset {path} does not exist; build one with: python data_collection/collect_dataset.py --help"
+        )
     try:
         with np.load(path, allow_pickle=False) as file:
             contents = {key: file[key] for key in file.files}

@@ -30,7 +30,8 @@ def describe(path: Path) -> str:
         f"{100 * (returns.mean() - reference['random']) / (reference['expert'] - reference['random']):.1f}"
     seconds = metadata.get("collection_seconds")
     cells = [
-        f"`{path.name}`", metadata["env_id"], metadata["policy"], f"`{metadata['agent']}`" if metadata["agent"] else "-",
+        f"`{path.name}`", metadata["env_id"], metadata["policy"],
+        f"`{metadata['agent']}`" if metadata["agent"] else "-",
         f"{metadata['num_transitions']:,}", str(len(returns)), mean_return, score, f"{reference['random']:.1f}", expert,
         "-" if seconds is None else f"{seconds:.0f}",
     ]
@@ -42,8 +43,8 @@ def main() -> None:
     if not args.paths:
         raise DatasetError("give one or more dataset files, e.g. datasets/*/*.npz")
     rows = [describe(path) for path in args.paths]
-    print("| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. | expert ref. "
-          "| collection (s) |")
+    print("| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. "
+          "| expert ref. | collection (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -1,6 +1,6 @@
 """Speed of our algorithms against d3rlpy 2.8.1's, side by side in one run, and against this CPU's limit.
 
-    .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (21 minutes on 2 cores here)
+    .venv/bin/python results/benchmark_speed.py          # writes results/speed.md (21 minutes on 2 cores)
     .venv/bin/python results/benchmark_speed.py --only TD3+BC IQL --output results/speed_td3_bc_iql.md
 
 For each case (an algorithm at its script's defaults, and CQL-SAC also at the paper's sizes) it times our
@@ -16,8 +16,12 @@ sample counts (results/d3rlpy_speed.py), on the same dataset. The two alternate,
 d3rlpy pins its own gymnasium, so it lives in a venv of its own, made on first use with
     python3 -m venv .venv-d3rlpy && .venv-d3rlpy/bin/pip install torch==2.13.0 d3rlpy==2.8.1
 (torch first and in the same command, or pip fetches CUDA wheels). The datasets are those of the README:
-    python data_collection/collect_dataset.py --env-id LunarLander-v3 --policy expert   (and BipedalWalker-v3, Hopper-v5)
-The collector measurement reads the sb3 agents from the Hub cache in --hf-cache.
+    python data_collection/collect_dataset.py --env-id LunarLander-v3 --policy expert  # and BipedalWalker-v3, Hopper-v5
+
+The collector measurement reads the sb3 agents (sb3/ppo-LunarLander-v2, sb3/tqc-Hopper-v3) offline from the Hub
+cache that huggingface_hub uses: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub; --hf-cache names
+another. Without the agents there, the run says so in one line and the report leaves that section out.
+Bad input (flags, a missing dataset) stops it before any measuring, with one line and exit status 2.
 """
 
 import datetime
@@ -32,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Optional
+from typing import NoReturn, Optional
 
 import numpy as np
 import torch
@@ -52,8 +56,9 @@ class Args:
     """multiplies every case's timed gradient steps (0.05 for a quick check of the script itself)"""
     d3rlpy_venv: Path = ROOT / ".venv-d3rlpy"
     """venv with d3rlpy 2.8.1; created when missing"""
-    hf_cache: Path = ROOT.parent / "shared" / "hf-cache"
-    """Hugging Face Hub cache holding the sb3 agents, for the collector measurement"""
+    hf_cache: Optional[Path] = None
+    """Hugging Face Hub cache holding the sb3 agents, for the collector measurement (default: huggingface_hub's,
+    from HF_HUB_CACHE or HF_HOME)"""
     collector_transitions: int = 20_000
     """transitions per collector run"""
     default_runs: Path = ROOT / "results" / "default_runs"
@@ -61,8 +66,8 @@ class Args:
     output: Path = ROOT / "results" / "speed.md"
     """the report"""
     only: tuple[str, ...] = ()
-    """time only the cases whose name starts with one of these (then the collector and evaluation-share sections
-    are left out)"""
+    """time only the cases whose name starts with one of these (then the collector and evaluation-share
+    sections are left out)"""
 
 
 @dataclass
@@ -78,16 +83,19 @@ class Case:
     target_ratio: float
 
 
-LUNAR, BIPEDAL, HOPPER = (f"datasets/{env}/expert.npz" for env in ("LunarLander-v3", "BipedalWalker-v3", "Hopper-v5"))
-CQL_SAC_D3RLPY = {"batch_size": 256, "cql_alpha": 20.0, "lagrange": False, "target_action_gap": 10.0, "alpha_lr": 3e-4}
+LUNAR, BIPEDAL, HOPPER = (f"datasets/{env}/expert.npz"
+                           for env in ("LunarLander-v3", "BipedalWalker-v3", "Hopper-v5"))
+CQL_SAC_D3RLPY = {"batch_size": 256, "cql_alpha": 20.0, "lagrange": False, "target_action_gap": 10.0,
+                  "alpha_lr": 3e-4}
 CASES = [
     Case("CQL-DQN, defaults (256-256, batch 64)", "algorithms/cql_discrete_lunarlander.py", [], LUNAR, "DiscreteCQL",
-         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 1e-3, "cql_alpha": 1.0, "target_update_interval": 1000},
+         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 1e-3, "cql_alpha": 1.0,
+          "target_update_interval": 1000},
          3000, 3.0),
-    Case("discrete BCQ, defaults (256-256, batch 64, separate Q and imitation networks)", "algorithms/bcq_discrete.py", [],
-         LUNAR, "DiscreteBCQ",
-         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 3e-4, "threshold": 0.3, "target_update_interval": 1000,
-          "shared_trunk": False}, 2000, 3.0),
+    Case("discrete BCQ, defaults (256-256, batch 64, separate Q and imitation networks)", "algorithms/bcq_discrete.py",
+         [], LUNAR, "DiscreteBCQ",
+         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 3e-4, "threshold": 0.3,
+          "target_update_interval": 1000, "shared_trunk": False}, 2000, 3.0),
     Case("BCQ, defaults = paper (VAE 750-750, actor and critics 400-300, batch 100, 10 samples)",
          "algorithms/bcq_continuous.py", [], BIPEDAL, "BCQ",
          {"batch_size": 100, "actor_hidden": [400, 300], "critic_hidden": [400, 300], "vae_hidden": [750, 750],
@@ -110,6 +118,9 @@ CASES = [
          1500, 2.0),
 ]
 FLOP_TARGET = 0.6  # share of the fp32 limit aimed at for the two compute-bound continuous updates
+COLLECTOR_ENVS = ("LunarLander-v3", "Hopper-v5")
+COLLECTOR_AGENTS = ("ppo-LunarLander-v2", "tqc-Hopper-v3")  # their default experts, in the Hub cache
+CACHE_HINT = "(set HF_HUB_CACHE or HF_HOME, or give --hf-cache)"
 
 
 def run(command: list, cwd: Path, env: Optional[dict] = None) -> str:
@@ -133,8 +144,9 @@ def ensure_d3rlpy(venv: Path) -> Path:
 
 def ours_updates_per_second(case: Case, threads: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
-        run([sys.executable, ROOT / case.script, "--dataset", ROOT / case.dataset, "--total-steps", steps, "--eval-freq", steps,
-             "--eval-episodes", 1, "--no-save-model", "--threads", threads, *case.flags], Path(folder))
+        run([sys.executable, ROOT / case.script, "--dataset", ROOT / case.dataset, "--total-steps", steps,
+             "--eval-freq", steps, "--eval-episodes", 1, "--no-save-model", "--threads", threads, *case.flags],
+            Path(folder))
         (summary,) = Path(folder).glob("runs/*/summary.json")
         return json.loads(summary.read_text())["updates_per_second"]
 
@@ -156,12 +168,13 @@ def flops_per_update(case: Case, d3rlpy_python: Path) -> tuple[float, float]:
     uneven = ["--uneven"] if case.d3rlpy_algo == "TD3PlusBC" else []  # the actor moves every other update
     with tempfile.TemporaryDirectory() as folder:
         ours = run([sys.executable, counter, "--updates", updates, *uneven, "--", ROOT / case.script,
-                    "--dataset", ROOT / case.dataset, "--total-steps", updates, "--eval-freq", updates, "--eval-episodes", 1, "--no-save-model", *case.flags],
-                   Path(folder))
+                    "--dataset", ROOT / case.dataset, "--total-steps", updates, "--eval-freq", updates,
+                    "--eval-episodes", 1, "--no-save-model", *case.flags], Path(folder))
         # d3rlpy_speed.py makes a warm-up fit of min(20, steps) updates before the timed one.
         theirs = run([d3rlpy_python, counter, "--updates", 2 * updates, *uneven, "--",
                       *d3rlpy_command(case, d3rlpy_python, 1, updates)[1:]], Path(folder))
-    return json.loads(ours.splitlines()[-1])["flops_per_update"], json.loads(theirs.splitlines()[-1])["flops_per_update"]
+    return (json.loads(ours.splitlines()[-1])["flops_per_update"],
+            json.loads(theirs.splitlines()[-1])["flops_per_update"])
 
 
 def matmul_peak(threads: int, dtype: torch.dtype, size: int) -> float:
@@ -199,66 +212,126 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args, description=__doc__)
-    CASES = [case for case in CASES if not args.only or case.name.startswith(args.only)]
-    if not CASES:
-        raise SystemExit(f"error: no case's name starts with any of {list(args.only)}")
-    missing = [case.dataset for case in CASES if not (ROOT / case.dataset).is_file()]
-    if missing:
-        raise SystemExit("error: missing datasets " + ", ".join(sorted(set(missing))) + ". Build each with\n  " + "\n  ".join(
-            f"python data_collection/collect_dataset.py --env-id {Path(path).parent.name} --policy expert" for path in sorted(set(missing))))
-    started, started_wall = time.time(), datetime.datetime.now(datetime.timezone.utc)
-    d3rlpy_python = ensure_d3rlpy(args.d3rlpy_venv)
-    d3rlpy_version = run([d3rlpy_python, "-c", "import d3rlpy; print(d3rlpy.__version__)"], ROOT).strip()
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit status 2, before any measuring."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
-    # Ours and d3rlpy's alternate within each round, so that a slow spell of the machine hits both.
+
+def hub_cache(flag: Optional[Path]) -> Path:
+    """--hf-cache, else the cache that huggingface_hub reads: HF_HUB_CACHE, else HF_HOME/hub, else
+    ~/.cache/huggingface/hub."""
+    if flag is not None:
+        return flag
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def select_cases(args: Args) -> list[Case]:
+    """The cases to time, after checking the flags and the datasets (exit 2 on bad input)."""
+    if args.repeats < 1 or not args.threads or min(args.threads) < 1:
+        fail("--repeats and every --threads must be at least 1")
+    if args.step_scale <= 0 or args.collector_transitions < 1:
+        fail("--step-scale must be above 0 and --collector-transitions at least 1")
+    if args.hf_cache is not None and not args.hf_cache.is_dir():
+        fail(f"--hf-cache {args.hf_cache} is not a folder")
+    cases = [case for case in CASES if not args.only or case.name.startswith(args.only)]
+    if not cases:
+        fail(f"no case's name starts with any of {list(args.only)}")
+    missing = sorted({case.dataset for case in cases if not (ROOT / case.dataset).is_file()})
+    if missing:
+        fail("missing datasets " + ", ".join(missing) + ". Build each with\n  " + "\n  ".join(
+            f"python data_collection/collect_dataset.py --env-id {Path(path).parent.name} --policy expert"
+            for path in missing))
+    return cases
+
+
+def measure_cases(cases: list[Case], args: Args, d3rlpy_python: Path) -> dict[tuple[str, int, str], list[float]]:
+    """Updates per second of every run, keyed by (case name, threads, "ours" or "d3rlpy").
+
+    Ours and d3rlpy's alternate within each round, so that a slow spell of the machine hits both."""
     speeds: dict[tuple[str, int, str], list[float]] = {}
     for round_index in range(args.repeats):
         for threads in args.threads:
-            for case in CASES:
+            for case in cases:
                 steps = max(2, round(case.steps * args.step_scale))
                 first, second = ("ours", "d3rlpy") if round_index % 2 == 0 else ("d3rlpy", "ours")
                 for implementation in (first, second):
                     value = (ours_updates_per_second(case, threads, steps) if implementation == "ours"
                              else d3rlpy_updates_per_second(case, d3rlpy_python, threads, steps))
                     speeds.setdefault((case.name, threads, implementation), []).append(value)
-                    print(f"round {round_index + 1}/{args.repeats}  {threads} thread(s)  {implementation:6s}  {value:8.1f} updates/s  "
-                          f"{case.name}", flush=True)
+                    print(f"round {round_index + 1}/{args.repeats}  {threads} thread(s)  {implementation:6s}  "
+                          f"{value:8.1f} updates/s  {case.name}", flush=True)
+    return speeds
 
-    flops = {case.name: flops_per_update(case, d3rlpy_python) for case in CASES}
-    peaks = {(threads, "fp32"): matmul_peak(threads, torch.float32, 2048) for threads in args.threads}
-    peaks.update({(threads, "bf16"): matmul_peak(threads, torch.bfloat16, 512) for threads in args.threads})
 
+def measure_peaks(thread_counts: tuple[int, ...]) -> dict[tuple[int, str], float]:
+    """The matmul peak in GFLOP/s, keyed by (threads, "fp32" or "bf16")."""
+    peaks = {(threads, "fp32"): matmul_peak(threads, torch.float32, 2048) for threads in thread_counts}
+    peaks.update({(threads, "bf16"): matmul_peak(threads, torch.bfloat16, 512) for threads in thread_counts})
+    return peaks
+
+
+def has_collector_agents(cache: Path) -> bool:
+    return all((cache / f"models--sb3--{name}").exists() for name in COLLECTOR_AGENTS)
+
+
+def measure_collector(transitions: int, cache: Path) -> dict[tuple[str, int], float]:
+    """Transitions per second, keyed by (env id, --num-envs)."""
     collector = {}
-    if (args.hf_cache / "models--sb3--ppo-LunarLander-v2").exists() and not args.only:
-        for env_id in ("LunarLander-v3", "Hopper-v5"):
-            for num_envs in (1, 8):
-                collector[(env_id, num_envs)] = collector_transitions_per_second(
-                    env_id, num_envs, args.collector_transitions, args.hf_cache)
-                print(f"collector {env_id} num_envs {num_envs}: {collector[(env_id, num_envs)]:.0f} transitions/s", flush=True)
+    for env_id in COLLECTOR_ENVS:
+        for num_envs in (1, 8):
+            collector[(env_id, num_envs)] = collector_transitions_per_second(env_id, num_envs, transitions, cache)
+            print(f"collector {env_id} num_envs {num_envs}: {collector[(env_id, num_envs)]:.0f} transitions/s",
+                  flush=True)
+    return collector
 
-    evaluation_shares = []
-    for summary_path in sorted(args.default_runs.glob("*/summary.json")) if not args.only else []:
+
+def read_evaluation_shares(default_runs: Path) -> list[tuple[str, float, float, float, float]]:
+    """(run, evaluation seconds, wall seconds, updates/s, final return) of each default run's summary.json."""
+    shares = []
+    for summary_path in sorted(default_runs.glob("*/summary.json")):
         summary = json.loads(summary_path.read_text())
-        evaluation_shares.append((summary_path.parent.name, summary["eval_time_s"], summary["wall_time_s"],
-                                  summary["updates_per_second"], summary["final_mean_return"]))
+        shares.append((summary_path.parent.name, summary["eval_time_s"], summary["wall_time_s"],
+                       summary["updates_per_second"], summary["final_mean_return"]))
+    return shares
 
-    # ------------------------------------------------------------------------------------------------- report
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+@dataclass
+class Measurements:
+    started: float
+    started_wall: datetime.datetime
+    d3rlpy_version: str
+    speeds: dict[tuple[str, int, str], list[float]]
+    flops: dict[str, tuple[float, float]]
+    peaks: dict[tuple[int, str], float]
+    collector: dict[tuple[str, int], float]
+    """empty when not measured"""
+    evaluation_shares: list[tuple[str, float, float, float, float]]
+    hf_cache: Path
+
+
+def header_lines(measured: Measurements) -> list[str]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "algorithms", "results"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
     command = shlex.join(["python", "results/benchmark_speed.py", *sys.argv[1:]])
-    lines = [
+    minutes = (time.time() - measured.started) / 60
+    return [
         "# Speed: our scripts against d3rlpy, and against this CPU's limit",
         "",
-        f"Made by `{command}` on {started_wall:%Y-%m-%d %H:%M} UTC in {(time.time() - started) / 60:.0f} min, at commit "
+        f"Made by `{command}` on {measured.started_wall:%Y-%m-%d %H:%M} UTC in {minutes:.0f} min, at commit "
         f"`{commit}`{' with uncommitted changes' if dirty else ''}. Machine: {cpu_name()}, {os.cpu_count()} cores, "
-        f"{platform.system()} {platform.release()}; Python {platform.python_version()}, torch {torch.__version__} (CPU), "
-        f"d3rlpy {d3rlpy_version} with the same torch in its own venv.",
-        "",
-        "## Gradient updates per second",
-        "",
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}, torch {torch.__version__} "
+        f"(CPU), d3rlpy {measured.d3rlpy_version} with the same torch in its own venv.",
+    ]
+
+
+def speed_lines(cases: list[Case], args: Args, speeds: dict[tuple[str, int, str], list[float]]) -> list[str]:
+    lines = [
+        "", "## Gradient updates per second", "",
         f"Median of {args.repeats} runs each, ours and d3rlpy's alternating, on the 200k-transition expert datasets. "
         "Ours: the script from the command line, `updates_per_second` of its summary.json (evaluation left out). "
         "d3rlpy: `fit` with matched sizes (results/d3rlpy_speed.py), after a 20-update warm-up. "
@@ -267,24 +340,25 @@ if __name__ == "__main__":
         "| case | threads | ours | d3rlpy | ratio | target | met |",
         "|---|---|---|---|---|---|---|",
     ]
-    best_ratios = {}
-    for case in CASES:
+    for case in cases:
         for threads in args.threads:
             ours, theirs = median(speeds[(case.name, threads, "ours")]), median(speeds[(case.name, threads, "d3rlpy")])
             lines.append(f"| {case.name} | {threads} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | "
                          f"{case.target_ratio}x | {'yes' if ours / theirs >= case.target_ratio else 'no'} |")
+    lines += ["", "Each at its better thread count:", "", "| case | ours | d3rlpy | ratio |", "|---|---|---|---|"]
+    for case in cases:
         best_ours = max(median(speeds[(case.name, t, "ours")]) for t in args.threads)
         best_theirs = max(median(speeds[(case.name, t, "d3rlpy")]) for t in args.threads)
-        best_ratios[case.name] = (best_ours, best_theirs)
-    lines += ["", "Each at its better thread count:", "", "| case | ours | d3rlpy | ratio |", "|---|---|---|---|"]
-    for case in CASES:
-        best_ours, best_theirs = best_ratios[case.name]
         lines.append(f"| {case.name} | {best_ours:.1f} | {best_theirs:.1f} | {best_ours / best_theirs:.2f}x |")
     lines += ["", "All runs, updates/s:", ""]
     for (name, threads, implementation), values in speeds.items():
-        lines.append(f"- {name}, {threads} thread(s), {implementation}: {', '.join(f'{value:.1f}' for value in values)}")
+        runs = ", ".join(f"{value:.1f}" for value in values)
+        lines.append(f"- {name}, {threads} thread(s), {implementation}: {runs}")
+    return lines
 
-    lines += [
+
+def flops_lines(cases: list[Case], args: Args, measured: Measurements) -> list[str]:
+    lines = [
         "", "## FLOPs per update against the machine's limit", "",
         "FLOPs of one update counted by torch's FlopCounterMode (matrix products) between the ends of the first and "
         "the last of 10 updates (results/count_flops.py). Limit: the best of 5 fp32 2048x2048 matmuls at that "
@@ -293,42 +367,82 @@ if __name__ == "__main__":
             f"ours GFLOP/s, {t} thread(s) | share of fp32 limit" for t in args.threads) + " |",
         "|---|---|---|" + "---|---|" * len(args.threads),
     ]
-    for case in CASES:
-        ours_flops, their_flops = flops[case.name]
+    for case in cases:
+        ours_flops, their_flops = measured.flops[case.name]
         cells = []
         for threads in args.threads:
-            achieved = ours_flops * median(speeds[(case.name, threads, "ours")]) / 1e9
-            cells.append(f"{achieved:.1f} | {100 * achieved / peaks[(threads, 'fp32')]:.0f}%")
+            achieved = ours_flops * median(measured.speeds[(case.name, threads, "ours")]) / 1e9
+            cells.append(f"{achieved:.1f} | {100 * achieved / measured.peaks[(threads, 'fp32')]:.0f}%")
         lines.append(f"| {case.name} | {ours_flops / 1e9:.3f} | {their_flops / 1e9:.3f} | " + " | ".join(cells) + " |")
+    peaks = measured.peaks
     lines += ["", "| matmul peak | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |",
-              "|---|" + "---|" * len(args.threads)]
-    lines.append("| fp32, 2048x2048, GFLOP/s | " + " | ".join(f"{peaks[(t, 'fp32')]:.0f}" for t in args.threads) + " |")
-    lines.append("| bf16, 512x512, GFLOP/s | " + " | ".join(f"{peaks[(t, 'bf16')]:.1f}" for t in args.threads) + " |")
-    lines += ["", f"The target is {100 * FLOP_TARGET:.0f}% of the fp32 limit for the two continuous updates."]
+              "|---|" + "---|" * len(args.threads),
+              "| fp32, 2048x2048, GFLOP/s | " + " | ".join(f"{peaks[(t, 'fp32')]:.0f}" for t in args.threads) + " |",
+              "| bf16, 512x512, GFLOP/s | " + " | ".join(f"{peaks[(t, 'bf16')]:.1f}" for t in args.threads) + " |",
+              "", f"The target is {100 * FLOP_TARGET:.0f}% of the fp32 limit for the two continuous updates."]
+    return lines
 
-    lines += ["", "## Collector: one env against a vector env", ""]
-    if collector:
-        lines += [f"`data_collection/collect_dataset.py --policy expert --num-transitions {args.collector_transitions}`, "
-                  "collection time from the dataset's metadata (reference episodes left out).", "",
+
+def collector_lines(args: Args, measured: Measurements) -> list[str]:
+    lines = ["", "## Collector: one env against a vector env", ""]
+    if measured.collector:
+        lines += ["`data_collection/collect_dataset.py --policy expert --num-transitions "
+                  f"{args.collector_transitions}`, collection time from the dataset's metadata "
+                  "(reference episodes left out).", "",
                   "| env | --num-envs 1 | --num-envs 8 | speed-up |", "|---|---|---|---|"]
-        for env_id in ("LunarLander-v3", "Hopper-v5"):
-            one, eight = collector[(env_id, 1)], collector[(env_id, 8)]
+        for env_id in COLLECTOR_ENVS:
+            one, eight = measured.collector[(env_id, 1)], measured.collector[(env_id, 8)]
             lines.append(f"| {env_id} | {one:.0f} transitions/s | {eight:.0f} transitions/s | {eight / one:.1f}x |")
     else:
         lines.append("Not measured in a run with --only." if args.only else
-                     f"Not measured: no sb3 agents in {args.hf_cache} (give --hf-cache).")
+                     f"Not measured: no sb3 agents in {measured.hf_cache} {CACHE_HINT}.")
+    return lines
 
-    lines += ["", "## Evaluation's share of a default run", ""]
-    if evaluation_shares:
+
+def evaluation_lines(args: Args, measured: Measurements) -> list[str]:
+    lines = ["", "## Evaluation's share of a default run", ""]
+    if measured.evaluation_shares:
         lines += [f"From the summary.json of the default runs in `{args.default_runs.relative_to(ROOT)}/`.", "",
                   "| run | evaluation | wall time | share | updates/s | final return |", "|---|---|---|---|---|---|"]
-        for name, eval_time, wall_time, updates_per_second, final_return in evaluation_shares:
+        for name, eval_time, wall_time, updates_per_second, final_return in measured.evaluation_shares:
             lines.append(f"| {name} | {eval_time:.0f} s | {wall_time:.0f} s | {100 * eval_time / wall_time:.1f}% | "
                          f"{updates_per_second:.1f} | {final_return:.1f} |")
     else:
         lines.append("Not measured in a run with --only." if args.only else
                      f"Not measured: no run folders with summary.json in {args.default_runs}.")
+    return lines
+
+
+def write_report(cases: list[Case], args: Args, measured: Measurements) -> None:
+    """The markdown report in --output, written to a temporary file and renamed."""
+    lines = (header_lines(measured) + speed_lines(cases, args, measured.speeds) + flops_lines(cases, args, measured)
+             + collector_lines(args, measured) + evaluation_lines(args, measured))
     temporary = args.output.with_suffix(".md.tmp")
     temporary.write_text("\n".join(lines) + "\n")
     os.replace(temporary, args.output)
     print(f"wrote {args.output}")
+
+
+def main(args: Args) -> None:
+    cases = select_cases(args)
+    cache = hub_cache(args.hf_cache)
+    measure_the_collector = not args.only and has_collector_agents(cache)
+    if not args.only and not measure_the_collector:
+        print(f"note: the collector is not measured: no sb3 agents in {cache} {CACHE_HINT}", file=sys.stderr)
+    started, started_wall = time.time(), datetime.datetime.now(datetime.timezone.utc)
+    d3rlpy_python = ensure_d3rlpy(args.d3rlpy_venv)
+    d3rlpy_version = run([d3rlpy_python, "-c", "import d3rlpy; print(d3rlpy.__version__)"], ROOT).strip()
+    speeds = measure_cases(cases, args, d3rlpy_python)
+    measured = Measurements(
+        started, started_wall, d3rlpy_version, speeds,
+        flops={case.name: flops_per_update(case, d3rlpy_python) for case in cases},
+        peaks=measure_peaks(args.threads),
+        collector=measure_collector(args.collector_transitions, cache) if measure_the_collector else {},
+        evaluation_shares=[] if args.only else read_evaluation_shares(args.default_runs),
+        hf_cache=cache,
+    )
+    write_report(cases, args, measured)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))

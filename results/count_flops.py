@@ -44,8 +44,9 @@ steps = len(counts_after_step)
 even = not args.uneven and args.updates >= 2 and steps % args.updates == 0
 if not (even or args.uneven and args.updates < steps < 2 * args.updates):
     hint = "" if args.uneven else ", and --uneven where updates differ in their steps"
-    raise SystemExit(f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the "
-                     f"script's step count{hint}")
+    print(f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the script's "
+          f"step count{hint}", file=sys.stderr)
+    sys.exit(2)
 if even:
     steps_per_update = steps // args.updates
     flops = (counts_after_step[-1] - counts_after_step[steps_per_update - 1]) / (args.updates - 1)

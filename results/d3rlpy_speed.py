@@ -45,18 +45,21 @@ def encoder(hidden: list[int]) -> d3rlpy.models.VectorEncoderFactory:
 
 if args.algo == "DiscreteCQL":
     config = d3rlpy.algos.DiscreteCQLConfig(
-        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]), learning_rate=settings["learning_rate"],
+        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]),
+        learning_rate=settings["learning_rate"],
         alpha=settings["cql_alpha"], target_update_interval=settings["target_update_interval"])
 elif args.algo == "DiscreteBCQ":
     config = d3rlpy.algos.DiscreteBCQConfig(
-        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]), learning_rate=settings["learning_rate"],
+        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]),
+        learning_rate=settings["learning_rate"],
         action_flexibility=settings["threshold"], target_update_interval=settings["target_update_interval"],
         share_encoder=settings["shared_trunk"])
 elif args.algo == "BCQ":
     # n_action_samples is used both in the target and when acting; only the target matters while training.
     config = d3rlpy.algos.BCQConfig(
         batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["actor_hidden"]),
-        critic_encoder_factory=encoder(settings["critic_hidden"]), imitator_encoder_factory=encoder(settings["vae_hidden"]),
+        critic_encoder_factory=encoder(settings["critic_hidden"]),
+        imitator_encoder_factory=encoder(settings["vae_hidden"]),
         n_action_samples=settings["target_samples"], lam=settings["lmbda"], action_flexibility=settings["phi"])
 elif args.algo == "TD3PlusBC":
     config = d3rlpy.algos.TD3PlusBCConfig(

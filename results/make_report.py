@@ -125,7 +125,8 @@ def seed_curves(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 def label_steps(axis) -> None:
     """Gradient steps as 10k, 20k: full numbers collide under a 4-inch panel."""
     axis.set_xlabel("gradient steps")
-    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k" if step else "0"))
+    thousands = matplotlib.ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k" if step else "0")
+    axis.xaxis.set_major_formatter(thousands)
 
 
 def save_with_legend(figure, axes, path: Path, extra: tuple = ()) -> None:
@@ -232,7 +233,9 @@ def main(args: Args) -> None:
     generated = "\n".join([BEGIN, *report(runs, args.matrix, args.figures, args.readme.parent), END])
     text = args.readme.read_text() if args.readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
-        sys.exit(f"{args.readme} has no report markers; put these two lines where the tables go:\n{BEGIN}\n{END}")
+        print(f"error: {args.readme} has no report markers; put these two lines where the tables go:\n{BEGIN}\n{END}",
+              file=sys.stderr)
+        sys.exit(2)
     before, rest = text.split(BEGIN, 1)
     args.readme.write_text(before + generated + rest.split(END, 1)[1])
     print(f"wrote {args.readme} and {len(list(args.figures.glob('*.png')))} plots in {args.figures}/ "

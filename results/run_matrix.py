@@ -18,7 +18,8 @@ half-way (the machine stopping, Ctrl-C) goes on from its last checkpoint next ti
 as its script is unchanged since it started; finished runs are skipped.
 
 The datasets must exist (datasets/<env>/<dataset>.npz); the commands that build them are printed when one
-is missing, and listed in results/README.md.
+is missing, and listed in results/README.md. Bad input (a flag, a missing dataset, uncommitted changes in
+algorithms/) stops it before any run starts, with exit status 2.
 """
 
 import csv
@@ -36,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
-from typing import Optional
+from typing import NoReturn, Optional
 
 import tyro
 
@@ -265,7 +266,8 @@ def finish(run: Run, returncode: int, started: float, commit: str, max_points: i
         "seed": run.seed, "command": shlex.join(run.command), "commit": commit,
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(wall_time, 1), "run_folder": str(kept_dir.relative_to(ROOT)),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": 1, "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": 1,
+                    "python": platform.python_version()},
     }
     (partial / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(run.record_dir, ignore_errors=True)
@@ -273,7 +275,15 @@ def finish(run: Run, returncode: int, started: float, commit: str, max_points: i
     return f"return {summary['final_mean_return']:.1f} ± {summary['final_std_return']:.1f} in {wall_time / 60:.1f} min"
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr (and the commands that fix it) and exit status 2, before any run starts."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(args: Args) -> None:
+    if args.jobs < 1 or args.max_points < 1:
+        fail("--jobs and --max-points must be at least 1")
     runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
     describe_datasets(all_runs())
     if args.list:
@@ -284,12 +294,12 @@ def main(args: Args) -> None:
     missing = sorted({(run.env.env_id, run.dataset) for run in runs if not run.done
                       and not (ROOT / run.dataset_path).exists()})
     if missing:
-        sys.exit("Missing datasets; build them from the repository root with:\n"
-                 + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing))
+        fail("missing datasets; build them from the repository root with:\n"
+             + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing))
     commit, dirty = git_state()
     if dirty and not args.allow_dirty:
-        sys.exit("algorithms/ has uncommitted changes, so run.json's commit would not be the code that ran: "
-                 "commit them first (or pass --allow-dirty for a trial).")
+        fail("algorithms/ has uncommitted changes, so run.json's commit would not be the code that ran: "
+             "commit them first (or pass --allow-dirty for a trial).")
 
     deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
     todo = [run for run in runs if not run.done]

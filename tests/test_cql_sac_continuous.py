@@ -47,7 +47,8 @@ def test_conservative_gap_by_hand(cql):
 def test_soft_target_by_hand(cql):
     next_q_target = torch.tensor([[3.0, 1.0], [2.0, 5.0]])  # [critic, batch]
     targets = cql.soft_target(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0]), next_q_target, 0.9)
-    assert targets.tolist() == pytest.approx([1 + 0.9 * 2.0, -1.0])  # min of the two critics; no bootstrap at a terminal
+    # The min of the two critics; no bootstrap at a terminal.
+    assert targets.tolist() == pytest.approx([1 + 0.9 * 2.0, -1.0])
 
 
 def test_tanh_gaussian_log_prob_matches_torch_transformed_distribution(cql):
@@ -86,15 +87,20 @@ def test_gap_on_a_subset_of_states_is_an_unbiased_estimate(cql):
 
 
 def test_actions_are_mapped_into_non_unit_bounds(cql):
-    scaler = cql.ActionScaler(np.array([-2.0]), np.array([2.0]), torch.device("cpu"))
-    assert scaler.to_env(torch.tensor([[-1.0], [0.0], [1.0]])).flatten().tolist() == [-2.0, 0.0, 2.0]
+    low, high = torch.tensor([-2.0]), torch.tensor([2.0])
+    unit_actions = torch.tensor([[-1.0], [0.0], [1.0]])
+    assert cql.unnormalize_actions(unit_actions, low, high).flatten().tolist() == [-2.0, 0.0, 2.0]
     env_actions = torch.tensor([[-2.0], [0.5], [2.0]])
-    assert torch.allclose(scaler.to_env(scaler.to_normalised(env_actions)), env_actions)
+    round_trip = cql.unnormalize_actions(cql.normalize_actions(env_actions, low, high), low, high)
+    assert torch.allclose(round_trip, env_actions)
     actor = cql.TanhGaussianActor(obs_dim=3, action_dim=1, hidden_dim=16, num_layers=2)
     with torch.no_grad():
         sampled, _ = actor(torch.randn(1000, 3) * 10)
-        chosen = scaler.to_env(torch.cat([sampled, actor.deterministic(torch.randn(1000, 3) * 10)]))
+        deterministic = actor.deterministic(torch.randn(1000, 3) * 10)
+        chosen = cql.unnormalize_actions(torch.cat([sampled, deterministic]), low, high)
+        acted = cql.ActingPolicy(actor, low, high)(torch.randn(1000, 3) * 10)
     assert chosen.abs().max() <= 2.0 and chosen.abs().max() > 1.0
+    assert acted.abs().max() <= 2.0
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -105,11 +111,13 @@ def test_run_writes_files_and_saved_model_reproduces_evaluation(cql, pendulum_da
                                        {"losses/td_loss", "losses/cql_loss", "losses/actor_loss"})
     actor = cql.TanhGaussianActor(3, 1, 256, 2)
     critic = cql.TwinCritic(3, 1, 256, 2, summary["args"]["layer_norm"])
-    torch.nn.ModuleDict({"actor": actor, "critic": critic}).load_state_dict(torch.load(folder / f"{SCRIPT}.pt", weights_only=True))
+    saved = torch.load(folder / f"{SCRIPT}.pt", weights_only=True)
+    torch.nn.ModuleDict({"actor": actor, "critic": critic}).load_state_dict(saved)
     # The dataset's observation statistics travel with the model.
-    assert not torch.equal(actor.normalize.std, torch.ones(3)) and torch.equal(actor.normalize.mean, critic.normalize.mean)
-    scaler = cql.ActionScaler(np.array([-2.0]), np.array([2.0]), torch.device("cpu"))
-    again = cql.evaluate(cql.ActingPolicy(actor, scaler), critic, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"))
+    assert not torch.equal(actor.normalize.std, torch.ones(3))
+    assert torch.equal(actor.normalize.mean, critic.normalize.mean)
+    acting = cql.ActingPolicy(actor, torch.tensor([-2.0]), torch.tensor([2.0]))
+    again = cql.evaluate(acting, critic, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"))
     np.testing.assert_allclose(again["returns"], summary["final_returns"], rtol=1e-5)
 
 

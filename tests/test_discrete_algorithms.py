@@ -42,7 +42,8 @@ def test_dqn_and_double_dqn_targets_by_hand(cql):
     # DQN: max of the target network; the terminal state does not bootstrap.
     assert cql.td_target(rewards, terminations, next_q_target, 0.9).tolist() == pytest.approx([1 + 0.9 * 5, -1.0])
     # Double DQN: the online network picks action 0, the target network values it at 1.
-    assert cql.td_target(rewards, terminations, next_q_target, 0.9, next_q_online).tolist() == pytest.approx([1 + 0.9 * 1, -1.0])
+    double_dqn = cql.td_target(rewards, terminations, next_q_target, 0.9, next_q_online)
+    assert double_dqn.tolist() == pytest.approx([1 + 0.9 * 1, -1.0])
 
 
 def test_bcq_mask_and_target_by_hand(bcq):
@@ -65,6 +66,17 @@ def test_bcq_mask_and_target_by_hand(bcq):
     assert target.tolist() == pytest.approx([1 + 0.9 * 10, 0.5 + 0.9 * 8])
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_target_update_with_tau_1_is_an_exact_copy(script, cql, bcq, capsys):
+    module = cql if script == SCRIPTS[0] else bcq
+    online, target = [torch.randn(64, 64) * 1e3], [torch.randn(64, 64) * 1e-3]
+    torch._foreach_lerp_(target, online, 1.0)  # the update both scripts make every --target-network-frequency steps
+    assert torch.equal(target[0], online[0])
+    with pytest.raises(SystemExit):
+        module.validate_args(module.Args(target_network_frequency=0))
+    assert "--target-network-frequency must be at least 1" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_run_writes_events_model_summary_and_video(script, cartpole_dataset, tmp_path, cql, bcq):
@@ -72,7 +84,7 @@ def test_run_writes_events_model_summary_and_video(script, cartpole_dataset, tmp
                                      "--seed", 3], tmp_path)
     folder, _ = check_run_folder(tmp_path, script, "CartPole-v1", 3, [150, 300], 2, {"losses/td_loss"})
     state_dict = torch.load(folder / f"{script}.pt", weights_only=True)
-    network = cql.QNetwork(4, 2, 256) if script == SCRIPTS[0] else bcq.BCQNetwork(4, 2, 256, shared_trunk=False)
+    network = cql.QNetwork(4, 2, 256) if script == SCRIPTS[0] else bcq.BCQNetwork(4, 2, 256)
     network.load_state_dict(state_dict)
 
 
@@ -106,7 +118,8 @@ def test_env_not_matching_dataset_prints_both(script, cartpole_dataset, tmp_path
     assert_clean_failure(result, "do not match", "obs_dim 4 and 2 actions", "(6,) and 3 actions")
 
 
-@pytest.mark.parametrize(("script", "extra"), [("cql_discrete_lunarlander", ["--td-loss", "mse"]), ("bcq_discrete", [])])
+@pytest.mark.parametrize(("script", "extra"),
+                         [("cql_discrete_lunarlander", ["--td-loss", "mse"]), ("bcq_discrete", [])])
 def test_diverging_loss_stops_with_the_step(script, extra, cartpole_dataset, tmp_path):
     # A learning rate of 1e10 throws the weights to about 1e30 within a few steps: squared, the loss overflows.
     result = run_algorithm(script, ["--dataset", cartpole_dataset, "--learning-rate", 1e10, "--total-steps", 2000,

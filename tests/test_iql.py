@@ -110,7 +110,8 @@ def test_env_not_matching_dataset_prints_both(cartpole_dataset, pendulum_dataset
     assert_clean_failure(result, "do not match", "obs_dim 4 and actions Discrete(2)", "(6,) and actions Discrete(3)")
     result = run_algorithm(SCRIPT, ["--dataset", pendulum_dataset, "--env-id", "CartPole-v1"], cwd=tmp_path)
     assert_clean_failure(result, "do not match", "Box(-2.0, 2.0, (1,), float32)", "Discrete(2)")
-    result = run_algorithm(SCRIPT, ["--dataset", pendulum_dataset, "--env-id", "MountainCarContinuous-v0"], cwd=tmp_path)
+    result = run_algorithm(SCRIPT, ["--dataset", pendulum_dataset, "--env-id", "MountainCarContinuous-v0"],
+                           cwd=tmp_path)
     assert_clean_failure(result, "do not match", "obs_dim 3", "observation shape (2,)", "Box(-1.0, 1.0, (1,), float32)")
 
 

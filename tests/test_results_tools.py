@@ -3,18 +3,25 @@
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, assert_clean_failure, run_script
 
 REPORT = ROOT / "results" / "make_report.py"
+BENCHMARK = ROOT / "results" / "benchmark_speed.py"
+RUN_MATRIX = ROOT / "results" / "run_matrix.py"
 
-DATASETS_MD = """<!-- made by hand for the test -->
-| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. | expert ref. | collection (s) |
-|---|---|---|---|---|---|---|---|---|---|---|
-| `expert.npz` | LunarLander-v3 | expert | `sb3/ppo-LunarLander-v2` | 200,000 | 499 | 244.2 ± 28.3 | 97.8 | -207.5 | 254.3 | 28 |
-"""
+DATASETS_MD = (
+    "<!-- made by hand for the test -->\n"
+    "| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. | expert ref. "
+    "| collection (s) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "| `expert.npz` | LunarLander-v3 | expert | `sb3/ppo-LunarLander-v2` | 200,000 | 499 | 244.2 ± 28.3 | 97.8 "
+    "| -207.5 | 254.3 | 28 |\n"
+)
 
 
 def load_run_matrix():
@@ -33,7 +40,8 @@ def write_run(matrix, algorithm, seed, final_return, q_initial, wall_time_s):
     summary = {"final_mean_return": final_return, "final_normalized_score": final_return / 2, "total_steps": 10000,
                "updates_per_second": 100.0, "evaluations": evaluations}
     record = {"env_id": "LunarLander-v3", "dataset": "expert", "algorithm": algorithm, "seed": seed,
-              "command": f"python algorithms/x.py --dataset datasets/LunarLander-v3/expert.npz --seed {seed} --threads 1",
+              "command": f"python algorithms/x.py --dataset datasets/LunarLander-v3/expert.npz --seed {seed} "
+                         "--threads 1",
               "commit": "0123456789abcdef", "wall_time_s": wall_time_s, "machine": {"cpu": "Test CPU", "cores": 2}}
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "run.json").write_text(json.dumps(record))
@@ -47,18 +55,20 @@ def test_report_tables_and_plots(tmp_path):
     (matrix / "datasets.md").write_text(DATASETS_MD)
     readme.write_text("# Mine\n\nhand-written intro\n<!-- report:begin (made by results/make_report.py) -->\nold\n"
                       "<!-- report:end -->\nhand-written reading\n")
-    result = subprocess.run([sys.executable, REPORT, "--matrix", matrix, "--readme", readme, "--figures", tmp_path / "figs"],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, REPORT, "--matrix", matrix, "--readme", readme,
+                             "--figures", tmp_path / "figs"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     text = readme.read_text()
-    assert text.startswith("# Mine\n\nhand-written intro\n") and text.endswith("<!-- report:end -->\nhand-written reading\n")
+    assert text.startswith("# Mine\n\nhand-written intro\n")
+    assert text.endswith("<!-- report:end -->\nhand-written reading\n")
     assert "\nold\n" not in text
     # mean ± population std over seeds; the best mean in bold; missing seeds and algorithms said so
     # (the columns: CQL, BCQ, IQL, DQN, BC)
     assert "| expert | **150.0 ± 50.0 (2 of 3 seeds)** | – | – | -50.0 (1 of 3 seeds) | – |" in text
     assert "| expert | **75.0 ± 25.0 (2 of 3 seeds)** | – | – | -25.0 (1 of 3 seeds) | – |" in text
     # median wall time 2.0 min from 1.0 to 3.0; the command with the dataset and seed as placeholders
-    assert "| CQL | `python algorithms/x.py --dataset datasets/LunarLander-v3/<dataset>.npz --seed <seed> --threads 1` " \
+    assert "| CQL | `python algorithms/x.py --dataset datasets/LunarLander-v3/<dataset>.npz --seed <seed> " \
+           "--threads 1` " \
            "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text
     assert "| 10,000 | 2.0 (1 run) | 100 |" in text  # DQN's single run has no range
     assert "| `expert.npz` | LunarLander-v3 | expert |" in text
@@ -73,7 +83,7 @@ def test_report_refuses_a_readme_without_markers(tmp_path):
     readme.write_text("# Results by hand\n")
     result = subprocess.run([sys.executable, REPORT, "--matrix", tmp_path / "none", "--readme", readme,
                              "--figures", tmp_path / "figs"], capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr and "report markers" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "report markers" in result.stderr
     assert readme.read_text() == "# Results by hand\n"
 
 
@@ -93,7 +103,8 @@ def test_scalars_csv_keeps_at_most_max_points_per_tag_and_the_last_step(tmp_path
     loss = [row for row in rows if row["tag"] == "losses/td_loss"]
     assert 90 <= len(loss) <= 101 and loss[0]["step"] == "1" and loss[-1]["step"] == "999"
     assert abs(float(loss[1]["value"]) - 1.0 / int(loss[1]["step"])) < 1e-6  # 6 significant digits
-    assert [(row["step"], row["value"]) for row in rows if row["tag"] == "eval/episodic_return"] == [("5000", "50"), ("10000", "100")]
+    evaluations = [(row["step"], row["value"]) for row in rows if row["tag"] == "eval/episodic_return"]
+    assert evaluations == [("5000", "50"), ("10000", "100")]
 
 
 def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkeypatch):
@@ -117,7 +128,8 @@ def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkey
     run_matrix.describe_datasets(runs[:1])  # every dataset here: the table is made again from the files
     rows = [line for line in table.read_text().splitlines() if line.startswith("| `")]
     assert len(rows) == 1 and "`a.npz` | CartPole-v1 | scripted" in rows[0] and "| 300 |" in rows[0]
-    assert table.read_text().startswith("<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py datasets/a.npz -->")
+    assert table.read_text().startswith(
+        "<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py datasets/a.npz -->")
 
 
 def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_path, monkeypatch):
@@ -139,7 +151,8 @@ def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_pat
     first = git("rev-parse", "HEAD")
     run = SimpleNamespace(command=["python", "algorithms/x.py", "--seed", "1"])
     log = tmp_path / "x.log"
-    log.write_text(f"# commit {first}\n$ python algorithms/x.py --seed 1\nx: 9 transitions, run folder runs/r1 (resumed)\n")
+    log.write_text(f"# commit {first}\n$ python algorithms/x.py --seed 1\n"
+                   "x: 9 transitions, run folder runs/r1 (resumed)\n")
     assert run_matrix.resumable_folder(run, log, first) is None  # no checkpoint: it starts again
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     (tmp_path / "runs" / "r1" / "checkpoint.pt").write_bytes(b"")
@@ -151,3 +164,27 @@ def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_pat
     git("commit", "-qam", "this script")
     assert run_matrix.resumable_folder(run, log, git("rev-parse", "HEAD")) is None
     assert run_matrix.resumable_folder(run, tmp_path / "no.log", first) is None
+
+
+def test_benchmark_and_matrix_refuse_bad_input_with_exit_2(tmp_path):
+    """Checked before any measuring or run: one line, exit status 2, as the algorithm scripts do."""
+    for script, flags, fragment in (
+        (BENCHMARK, ["--only", "nothing"], "no case's name starts with any of ['nothing']"),
+        (BENCHMARK, ["--repeats", "0"], "--repeats and every --threads must be at least 1"),
+        (BENCHMARK, ["--hf-cache", tmp_path / "none"], "is not a folder"),
+        (RUN_MATRIX, ["--jobs", "0"], "--jobs and --max-points must be at least 1"),
+    ):
+        result = run_script(script, flags, dict(os.environ))
+        assert_clean_failure(result, fragment, returncode=2)
+        assert "creating" not in result.stdout  # no d3rlpy venv was made
+
+
+def test_benchmark_takes_the_hub_cache_from_the_hugging_face_variables(tmp_path):
+    code = "import benchmark_speed; print(benchmark_speed.hub_cache(None))"
+    clean = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_CACHE", "HF_HOME")}
+    for variables, expected in (({"HF_HUB_CACHE": str(tmp_path / "cache")}, tmp_path / "cache"),
+                                ({"HF_HOME": str(tmp_path / "home")}, tmp_path / "home" / "hub")):
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "results", env={**clean, **variables},
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert Path(result.stdout.strip()) == expected
