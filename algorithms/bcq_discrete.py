@@ -494,7 +494,8 @@ if __name__ == "__main__":
                 torch._foreach_lerp_(list(target_network.parameters()), list(network.parameters()), args.tau)
         # ALGO LOGIC END
 
-        if global_step % args.log_freq == 0:
+        evaluate_now = global_step % args.eval_freq == 0 or global_step == args.total_steps
+        if global_step % args.log_freq == 0 or evaluate_now:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = {"td_loss": td_loss.item(), "imitation_loss": imitation_loss.item(),
                       "logit_loss": logit_loss.item(), "loss": loss.item()}
@@ -508,9 +509,10 @@ if __name__ == "__main__":
             writer.add_scalar("diagnostics/q_data", q_data.mean().item(), global_step)
             allowed_count = allowed_actions(imitation_logits, args.threshold).float().sum(dim=1).mean()
             writer.add_scalar("diagnostics/allowed_actions", allowed_count.item(), global_step)
-            writer.add_scalar("charts/SPS", global_step / (time.time() - start_time - eval_time), global_step)
+            sps = global_step / (time.time() - start_time - eval_time)
+            writer.add_scalar("charts/SPS", sps, global_step)
 
-        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+        if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
             result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
@@ -530,12 +532,11 @@ if __name__ == "__main__":
             writer.add_scalar("diagnostics/q_initial", evaluations[-1]["q_initial"], global_step)
             writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"],
                               global_step)
-            sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
                   f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return "
                   f"{evaluations[-1]['discounted_return_initial']:.1f}  "
                   f"td_loss {td_loss.item():.3f}  SPS {sps:.0f}", flush=True)
-        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
+        if evaluate_now or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},

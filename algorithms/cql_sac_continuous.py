@@ -647,7 +647,8 @@ if __name__ == "__main__":
             torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
         # ALGO LOGIC END
 
-        if global_step % args.log_freq == 0:
+        evaluate_now = global_step % args.eval_freq == 0 or global_step == args.total_steps
+        if global_step % args.log_freq == 0 or evaluate_now:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = {"td_loss": td_loss.item(), "cql_loss": cql_loss.item(), "actor_loss": actor_loss.item()}
             if not np.isfinite(list(losses.values())).all():
@@ -668,7 +669,7 @@ if __name__ == "__main__":
                 print(f"step {global_step}/{args.total_steps}  td_loss {td_loss.item():.3f}  SPS {sps:.1f}", flush=True)
                 last_print = time.time()
 
-        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+        if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
             result = evaluate(acting, critic, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
@@ -689,12 +690,11 @@ if __name__ == "__main__":
             writer.add_scalar("diagnostics/q_initial", evaluation["q_initial"], global_step)
             writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
                               global_step)
-            sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  td_loss {td_loss.item():.3f}  SPS {sps:.1f}",
                   flush=True)
-        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
+        if evaluate_now or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},

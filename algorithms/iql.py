@@ -572,7 +572,8 @@ if __name__ == "__main__":
             torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
         # ALGO LOGIC END
 
-        if global_step % args.log_freq == 0:
+        evaluate_now = global_step % args.eval_freq == 0 or global_step == args.total_steps
+        if global_step % args.log_freq == 0 or evaluate_now:
             # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
             losses = dict(value_loss=value_loss.item(), actor_loss=actor_loss.item(), critic_loss=critic_loss.item())
             if not np.isfinite(list(losses.values())).all():
@@ -583,9 +584,10 @@ if __name__ == "__main__":
                 writer.add_scalar(f"losses/{name}", loss, global_step)
             writer.add_scalar("diagnostics/q_data", q1.mean().item() / reward_scale, global_step)
             writer.add_scalar("diagnostics/weight", weights.mean().item(), global_step)
-            writer.add_scalar("charts/SPS", global_step / (time.time() - start_time - eval_time), global_step)
+            sps = global_step / (time.time() - start_time - eval_time)
+            writer.add_scalar("charts/SPS", sps, global_step)
 
-        if global_step % args.eval_freq == 0 or global_step == args.total_steps:
+        if evaluate_now:
             eval_start = time.time()
             result = evaluate(acting, critic, env_id, args.eval_episodes, args.seed, args.gamma, reward_scale, device,
                               run_dir / "videos" if args.capture_video else None, f"step{global_step}")
@@ -602,11 +604,10 @@ if __name__ == "__main__":
                 writer.add_scalar("eval/normalized_score", score, global_step)
             for tag in ("q_initial", "discounted_return_initial"):
                 writer.add_scalar(f"diagnostics/{tag}", evaluation[tag], global_step)
-            sps = global_step / (time.time() - start_time - eval_time)
             print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  SPS {sps:.0f}", flush=True)
-        if (evaluations and evaluations[-1]["step"] == global_step) or stop_requested:
+        if evaluate_now or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
                           "state": {name: part.state_dict() for name, part in state.items()},
