@@ -20,7 +20,6 @@ import json
 import runpy
 import sys
 
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
