@@ -6,8 +6,8 @@ reward: it imitates whoever collected the data, so it can at best match them. Of
 where it beats this baseline, typically on noisy or mixed data, where imitation copies the mistakes too.
 
     Discrete:                  L = -mean_batch log softmax(f(s))[a]                 acts by argmax f(s)
-    Box, --box-loss gaussian:  L = -mean_batch log pi(a|s), pi = tanh(N(mu, sigma))  acts by tanh(mu(s))
     Box, --box-loss mse:       L = mean_batch (tanh(f(s)) - a)^2                     acts by tanh(f(s))
+    Box, --box-loss gaussian:  L = -mean_batch log pi(a|s), pi = tanh(N(mu, sigma))  acts by tanh(mu(s))
 
 Box actions live in the normalised box [-1, 1]^d, mapped to the env's bounds when acting. The log-likelihood of
 a tanh-squashed Gaussian is the change of variables of SAC's appendix C (https://arxiv.org/abs/1801.01290,
@@ -69,8 +69,8 @@ class Args:
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
-    total_steps: int = 20_000
-    """number of gradient steps (CORL: 1M; 20k here: BC clones in a few thousand steps, results/README.md)"""
+    total_steps: int = 50_000
+    """number of gradient steps (CORL: 1M; 50k here, 2-4 minutes: later steps did not add, results/ablations.md)"""
     eval_freq: int = 5_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -91,9 +91,9 @@ class Args:
     """width of the policy's hidden layers"""
     num_layers: int = 2
     """hidden layers of the policy"""
-    box_loss: Literal["gaussian", "mse"] = "gaussian"
-    """Box actions: NLL of a tanh-Gaussian, or MSE of tanh(network) (CORL: mse; gaussian here: measured
-    better on Hopper expert and Pendulum data, results/ablations.md)"""
+    box_loss: Literal["gaussian", "mse"] = "mse"
+    """Box actions: MSE of tanh(network) (CORL's), or NLL of a tanh-Gaussian (it swung from 10% to 100% of another
+    agent's BipedalWalker data, results/ablations.md)"""
     gamma: float = 0.99
     """discount of the logged discounted return of the evaluation episodes (BC itself does not use it)"""
     log_freq: int = 100
@@ -163,6 +163,52 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
                  f"drop those transitions or collect the dataset again")
     return {"observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
             "actions": torch.tensor(actions, dtype=torch.long if discrete else torch.float32, device=device)}, metadata
+
+
+def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
+    """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    action_space, observation_shape = probe_env.action_space, probe_env.observation_space.shape
+    probe_env.close()
+    actions, obs_dim, discrete = data["actions"], data["observations"].shape[1], data["actions"].dtype == torch.long
+    if not isinstance(action_space, gym.spaces.Discrete if discrete else gym.spaces.Box):
+        kind = "discrete actions" if discrete else f"continuous actions of shape ({actions.shape[1]},)"
+        fail(f"dataset {args.dataset} has {kind}, env {env_id} has actions {action_space}")
+    described = metadata.get("action_space", {})
+    if discrete:
+        n_actions = described.get("n", int(actions.max()) + 1)
+        if observation_shape != (obs_dim,) or n_actions != int(action_space.n):
+            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {n_actions} "
+                 f"actions, env {env_id} has observation shape {observation_shape} and {action_space.n} actions")
+        if actions.min() < 0 or actions.max() >= n_actions:
+            fail(f"{args.dataset}: actions range over {int(actions.min())}..{int(actions.max())}, "
+                 f"outside the env's 0..{n_actions - 1}")
+        return env_id, action_space
+    action_dim = actions.shape[1]
+    bounds = f"[{action_space.low.tolist()}, {action_space.high.tolist()}]"
+    data_low, data_high = (described.get(key, getattr(action_space, key).tolist()) for key in ("low", "high"))
+    if (observation_shape != (obs_dim,) or action_space.shape != (action_dim,)
+            or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+             f"{observation_shape} and actions of shape {action_space.shape} in {bounds}")
+    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+        fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
+    low, high = (torch.tensor(bound, dtype=torch.float32, device=actions.device)
+                 for bound in (action_space.low, action_space.high))
+    data_min, data_max = actions.min(dim=0).values, actions.max(dim=0).values
+    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
+        fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
+             f"bounds {bounds}; --clip-actions clips them")
+    return env_id, action_space
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -240,8 +286,10 @@ class ActingPolicy(nn.Module):
 
 
 def evaluate(acting: nn.Module, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
-             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
-    """Deterministic episodes batched in a vector env; returns their returns and discounted returns."""
+             reference_returns: Optional[dict], video_folder: Optional[Path] = None,
+             video_prefix: str = "eval") -> dict:
+    """Deterministic episodes batched in a vector env; returns the evaluation's record: mean_return, std_return,
+    normalized_score (None without reference returns), discounted_return_initial and the episodes' returns."""
 
     def make_env(index: int) -> gym.Env:
         if video_folder is None or index > 0:
@@ -265,7 +313,10 @@ def evaluate(acting: nn.Module, env_id: str, episodes: int, seed: int, gamma: fl
         discount *= gamma
         running &= ~(terminations | truncations)
     envs.close()
-    return {"returns": returns, "discounted_returns": discounted_returns}
+    mean_return = float(returns.mean())
+    return {"mean_return": mean_return, "std_return": float(returns.std()),
+            "normalized_score": normalized_score(mean_return, reference_returns),
+            "discounted_return_initial": float(discounted_returns.mean()), "returns": returns.tolist()}
 
 
 def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
@@ -403,56 +454,16 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     data, metadata = load_dataset(args.dataset, device)
-    env_id = args.env_id or metadata.get("env_id")
-    if env_id is None:
-        fail(f"{args.dataset} does not name its env; give --env-id")
-    if args.capture_video:
-        prepare_rendering(env_id)
-    try:
-        probe_env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make env {env_id!r}: {error}")
-    action_space = probe_env.action_space
-    observation_shape = probe_env.observation_space.shape
-    probe_env.close()
-    obs_dim = data["observations"].shape[1]
-    discrete = data["actions"].dtype == torch.long
+    env_id, action_space = validate_env(args, data, metadata)
+    obs_dim, discrete = data["observations"].shape[1], data["actions"].dtype == torch.long
     if discrete:
-        if not isinstance(action_space, gym.spaces.Discrete):
-            fail(f"dataset {args.dataset} has discrete actions, env {env_id} has actions {action_space}")
-        n_actions = metadata.get("action_space", {}).get("n", int(data["actions"].max()) + 1)
-        if observation_shape != (obs_dim,) or n_actions != int(action_space.n):
-            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {n_actions} "
-                 f"actions, env {env_id} has observation shape {observation_shape} and {action_space.n} actions")
-        if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
-            fail(f"{args.dataset}: actions range over {int(data['actions'].min())}..{int(data['actions'].max())}, "
-                 f"outside the env's 0..{n_actions - 1}")
         output_dim = int(action_space.n)
-        low = torch.zeros(0, device=device)  # the acting function's buffers, unused for Discrete actions
-        high = torch.zeros(0, device=device)
+        low, high = torch.zeros(0, device=device), torch.zeros(0, device=device)  # the acting function's buffers
     else:
-        action_dim = data["actions"].shape[1]
-        if not isinstance(action_space, gym.spaces.Box):
-            fail(f"dataset {args.dataset} has continuous actions of shape ({action_dim},), env {env_id} has "
-                 f"actions {action_space}")
-        bounds = f"[{action_space.low.tolist()}, {action_space.high.tolist()}]"
-        data_low = metadata.get("action_space", {}).get("low", action_space.low.tolist())
-        data_high = metadata.get("action_space", {}).get("high", action_space.high.tolist())
-        if (observation_shape != (obs_dim,) or action_space.shape != (action_dim,)
-                or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
-            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
-                 f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
-                 f"{observation_shape} and actions of shape {action_space.shape} in {bounds}")
-        if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-            fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
+        output_dim = data["actions"].shape[1] * (2 if args.box_loss == "gaussian" else 1)
         low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
         high = torch.tensor(action_space.high, dtype=torch.float32, device=device)
-        data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
-        if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
-            fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
-                 f"bounds {bounds}; --clip-actions clips them")
         data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
-        output_dim = 2 * action_dim if args.box_loss == "gaussian" else action_dim
 
     run_dir = Path(args.resume) if checkpoint else make_run_dir(
         f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
@@ -526,23 +537,19 @@ if __name__ == "__main__":
         if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
-            result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
-                              f"step{global_step}")
+            evaluation = {"step": global_step, **evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma,
+                                                          device, metadata.get("reference_returns"), video_folder,
+                                                          f"step{global_step}")}
             eval_time += time.time() - eval_start
-            mean_return = float(result["returns"].mean())
-            score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluations.append({
-                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
-                "normalized_score": score, "discounted_return_initial": float(result["discounted_returns"].mean()),
-                "returns": result["returns"].tolist(),
-            })
-            writer.add_scalar("eval/episodic_return", mean_return, global_step)
-            if score is not None:
-                writer.add_scalar("eval/normalized_score", score, global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"],
+            evaluation["wall_time_s"] = time.time() - start_time  # to this score, evaluations included
+            evaluations.append(evaluation)
+            writer.add_scalar("eval/episodic_return", evaluation["mean_return"], global_step)
+            if evaluation["normalized_score"] is not None:
+                writer.add_scalar("eval/normalized_score", evaluation["normalized_score"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
                               global_step)
-            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
-                  f"bc_loss {loss.item():.4f}  SPS {sps:.0f}", flush=True)
+            print(f"step {global_step}/{args.total_steps}  return {evaluation['mean_return']:.1f} ± "
+                  f"{evaluation['std_return']:.1f}  bc_loss {loss.item():.4f}  SPS {sps:.0f}", flush=True)
         if evaluate_now or stop_requested:
             wall_time = time.time() - start_time
             checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,

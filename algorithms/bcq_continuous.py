@@ -183,6 +183,38 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     return data, metadata
 
 
+def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
+    """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    space = probe_env.action_space
+    probe_env.close()
+    if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        fail(f"{env_id} has actions {space}; this script needs a Box action space with finite bounds")
+    obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
+    data_space = metadata.get("action_space", {})
+    data_low, data_high = data_space.get("low", space.low.tolist()), data_space.get("high", space.high.tolist())
+    if (probe_env.observation_space.shape != (obs_dim,) or space.shape != (action_dim,)
+            or not np.allclose(data_low, space.low) or not np.allclose(data_high, space.high)):
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+             f"{probe_env.observation_space.shape} and actions of shape {space.shape} in "
+             f"[{space.low.tolist()}, {space.high.tolist()}]")
+    data_min, data_max = (values.cpu().numpy() for values in data["actions"].aminmax(dim=0))
+    low, high = space.low.astype(np.float32), space.high.astype(np.float32)  # in the data's precision
+    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
+        fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
+             f"bounds [{space.low.tolist()}, {space.high.tolist()}]; --clip-actions clips them")
+    return env_id, space
+
+
 # ------------------------------------------------------------------------------------------------- networks
 def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, layer_norm: bool = False) -> nn.Sequential:
     layers, width = [], in_dim
@@ -333,11 +365,13 @@ class ActingPolicy(nn.Module):
 
 
 def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
-             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
-    """Episodes of the BCQ policy batched in a vector env; returns their returns, discounted returns and
-    first-state values (Q1 of the chosen action). The VAE's latents come from torch's generator seeded with `seed`
-    in a fork of its state, so a policy's evaluation is reproducible (results/evaluate_policy.py seeds it the same
-    way and replays it) and leaves the training's random numbers as they were."""
+             reference_returns: Optional[dict], video_folder: Optional[Path] = None,
+             video_prefix: str = "eval") -> dict:
+    """Episodes of the BCQ policy batched in a vector env; returns the evaluation's record: mean_return, std_return,
+    normalized_score (None without reference returns), q_initial (mean Q1 of the first chosen actions),
+    discounted_return_initial and the episodes' returns. The VAE's latents come from torch's generator seeded with
+    `seed` in a fork of its state, so a policy's evaluation is reproducible (results/evaluate_policy.py seeds it the
+    same way and replays it) and leaves the training's random numbers as they were."""
 
     def make_env(index: int):
         def thunk():
@@ -374,7 +408,10 @@ def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma:
             running &= ~(terminations | truncations)
     envs.close()
     policy.train()
-    return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
+    mean_return = float(returns.mean())
+    return {"mean_return": mean_return, "std_return": float(returns.std()),
+            "normalized_score": normalized_score(mean_return, reference_returns), "q_initial": float(q_initial.mean()),
+            "discounted_return_initial": float(discounted_returns.mean()), "returns": returns.tolist()}
 
 
 def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
@@ -512,32 +549,12 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     data, metadata = load_dataset(args.dataset, device)
-    env_id = args.env_id or metadata.get("env_id")
-    if env_id is None:
-        fail(f"{args.dataset} does not name its env; give --env-id")
-    if args.capture_video:
-        prepare_rendering(env_id)
-    try:
-        probe_env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make env {env_id!r}: {error}")
-    space = probe_env.action_space
-    if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
-        fail(f"{env_id} has actions {space}; this script needs a Box action space with finite bounds")
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    data_space = metadata.get("action_space", {})
-    data_low, data_high = data_space.get("low", space.low.tolist()), data_space.get("high", space.high.tolist())
-    if (probe_env.observation_space.shape != (obs_dim,) or space.shape != (act_dim,)
-            or not np.allclose(data_low, space.low) or not np.allclose(data_high, space.high)):
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
-             f"({act_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
-             f"{probe_env.observation_space.shape} and actions of shape {space.shape} in "
-             f"[{space.low.tolist()}, {space.high.tolist()}]")
-    data_min, data_max = data["actions"].amin(dim=0).cpu().numpy(), data["actions"].amax(dim=0).cpu().numpy()
-    if not args.clip_actions and ((data_min < space.low - 1e-4).any() or (data_max > space.high + 1e-4).any()):
-        fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
-             f"bounds [{space.low.tolist()}, {space.high.tolist()}]; --clip-actions clips them")
-    probe_env.close()
+    env_id, action_space = validate_env(args, data, metadata)
+    obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
+    low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
+    high = torch.tensor(action_space.high, dtype=torch.float32, device=device)
+    # The clamp covers dataset actions a hair outside the bounds, and those that --clip-actions lets in.
+    data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
 
     run_dir = Path(args.resume) if checkpoint else make_run_dir(
         f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
@@ -553,17 +570,15 @@ if __name__ == "__main__":
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
-    policy = BCQPolicy(obs_dim, act_dim, space.low, space.high, args.phi, args.vae_hidden_dim, args.layer_norm)
+    policy = BCQPolicy(obs_dim, action_dim, action_space.low, action_space.high, args.phi, args.vae_hidden_dim,
+                       args.layer_norm)
     policy.to(device)
     acting = ActingPolicy(policy, args.act_samples)
     if args.normalize_observations:
         policy.obs_mean.copy_(data["observations"].mean(dim=0))
         policy.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
-    # The networks see standardised observations and actions in [-1, 1]; the clamp covers dataset actions a hair
-    # outside the bounds, and those that --clip-actions lets in.
     data["observations"] = policy.normalize(data["observations"])
     data["next_observations"] = policy.normalize(data["next_observations"])
-    data["actions"] = normalize_actions(data["actions"], policy.action_low, policy.action_high).clamp(-1.0, 1.0)
     target_actor, target_critic = copy.deepcopy(policy.actor), copy.deepcopy(policy.critic)
     target_parameters = [*target_actor.parameters(), *target_critic.parameters()]
     online_parameters = [*policy.actor.parameters(), *policy.critic.parameters()]
@@ -661,22 +676,19 @@ if __name__ == "__main__":
         if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
-            result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
-                              f"step{global_step}")
+            evaluation = {"step": global_step, **evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma,
+                                                          device, metadata.get("reference_returns"), video_folder,
+                                                          f"step{global_step}")}
             eval_time += time.time() - eval_start
-            mean_return = float(result["returns"].mean())
-            score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluation = {"step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
-                          "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
-                          "discounted_return_initial": float(result["discounted_returns"].mean()),
-                          "returns": result["returns"].tolist()}
+            evaluation["wall_time_s"] = time.time() - start_time  # to this score, evaluations included
             evaluations.append(evaluation)
-            writer.add_scalar("eval/episodic_return", mean_return, global_step)
-            if score is not None:
-                writer.add_scalar("eval/normalized_score", score, global_step)
+            writer.add_scalar("eval/episodic_return", evaluation["mean_return"], global_step)
+            if evaluation["normalized_score"] is not None:
+                writer.add_scalar("eval/normalized_score", evaluation["normalized_score"], global_step)
             for tag in ("q_initial", "discounted_return_initial"):
                 writer.add_scalar(f"diagnostics/{tag}", evaluation[tag], global_step)
-            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
+            print(f"step {global_step}/{args.total_steps}  return {evaluation['mean_return']:.1f} ± "
+                  f"{evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  critic_loss {critic_loss.item():.3f}  "
                   f"SPS {sps:.0f}  eval {time.time() - eval_start:.0f} s", flush=True)
@@ -695,7 +707,8 @@ if __name__ == "__main__":
         # Not deterministic: the program draws the VAE's latents from torch's generator, so seed it to replay.
         export_policy(acting, obs_dim, run_dir / "policy.pt2", {
             "env_id": env_id, "algorithm": args.exp_name, "dataset": args.dataset, "step": global_step,
-            "observation_shape": [obs_dim], "action_space": {"low": space.low.tolist(), "high": space.high.tolist()},
+            "observation_shape": [obs_dim],
+            "action_space": {"low": action_space.low.tolist(), "high": action_space.high.tolist()},
             "reference_returns": metadata.get("reference_returns"), "deterministic": False,
             "evaluation": {"episodes": args.eval_episodes, "seed": args.seed, "gamma": args.gamma}})
         print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")

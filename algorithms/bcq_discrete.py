@@ -175,6 +175,31 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     return data, metadata
 
 
+def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
+    """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    if not isinstance(probe_env.action_space, gym.spaces.Discrete):
+        fail(f"{env_id} has actions {probe_env.action_space}; this script needs a Discrete action space")
+    obs_dim, n_actions = data["observations"].shape[1], int(probe_env.action_space.n)
+    dataset_actions = metadata.get("action_space", {}).get("n", int(data["actions"].max()) + 1)
+    if probe_env.observation_space.shape != (obs_dim,) or dataset_actions != n_actions:
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {dataset_actions} "
+             f"actions, env {env_id} has observation shape {probe_env.observation_space.shape} and {n_actions} actions")
+    if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
+        fail(f"{args.dataset}: actions range over {int(data['actions'].min())}..{int(data['actions'].max())}, "
+             f"outside the env's 0..{n_actions - 1}")
+    probe_env.close()
+    return env_id, probe_env.action_space
+
+
 # ------------------------------------------------------------------------------------------------- networks
 def mlp(input_dim: int, hidden_dim: int) -> nn.Sequential:
     """Two hidden layers with ReLU: the trunk that a linear head reads."""
@@ -237,9 +262,10 @@ def bcq_target(
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
-             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict[str, np.ndarray]:
-    """Episodes of the BCQ policy (best allowed action) batched in a vector env; returns their returns,
-    discounted returns and first-state values (max of Q over the allowed actions)."""
+             reference_returns: Optional[dict], video_folder: Optional[Path] = None,
+             video_prefix: str = "eval") -> dict:
+    """Episodes of the BCQ policy (best allowed action) batched in a vector env; returns the evaluation's record:
+    mean_return, std_return, normalized_score, q_initial (best allowed Q at s0), discounted_return_initial, returns."""
 
     def make_env(index: int):
         def thunk():
@@ -272,7 +298,10 @@ def evaluate(acting: ActingPolicy, env_id: str, episodes: int, seed: int, gamma:
         running &= ~(terminations | truncations)
     envs.close()
     acting.train()
-    return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
+    mean_return = float(returns.mean())
+    return {"mean_return": mean_return, "std_return": float(returns.std()),
+            "normalized_score": normalized_score(mean_return, reference_returns), "q_initial": float(q_initial.mean()),
+            "discounted_return_initial": float(discounted_returns.mean()), "returns": returns.tolist()}
 
 
 def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
@@ -410,26 +439,8 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     data, metadata = load_dataset(args.dataset, device)
-    env_id = args.env_id or metadata.get("env_id")
-    if env_id is None:
-        fail(f"{args.dataset} does not name its env; give --env-id")
-    if args.capture_video:
-        prepare_rendering(env_id)
-    try:
-        probe_env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make env {env_id!r}: {error}")
-    if not isinstance(probe_env.action_space, gym.spaces.Discrete):
-        fail(f"{env_id} has actions {probe_env.action_space}; this script needs a Discrete action space")
-    obs_dim, n_actions = data["observations"].shape[1], int(probe_env.action_space.n)
-    dataset_actions = metadata.get("action_space", {}).get("n", int(data["actions"].max()) + 1)
-    if probe_env.observation_space.shape != (obs_dim,) or dataset_actions != n_actions:
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {dataset_actions} "
-             f"actions, env {env_id} has observation shape {probe_env.observation_space.shape} and {n_actions} actions")
-    if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
-        fail(f"{args.dataset}: actions range over {int(data['actions'].min())}..{int(data['actions'].max())}, "
-             f"outside the env's 0..{n_actions - 1}")
-    probe_env.close()
+    env_id, action_space = validate_env(args, data, metadata)
+    obs_dim, n_actions = data["observations"].shape[1], int(action_space.n)
 
     run_dir = Path(args.resume) if checkpoint else make_run_dir(
         f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
@@ -515,26 +526,21 @@ if __name__ == "__main__":
         if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
-            result = evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
-                              f"step{global_step}")
+            evaluation = {"step": global_step, **evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma,
+                                                          device, metadata.get("reference_returns"), video_folder,
+                                                          f"step{global_step}")}
             eval_time += time.time() - eval_start
-            mean_return = float(result["returns"].mean())
-            score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluations.append({
-                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
-                "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
-                "discounted_return_initial": float(result["discounted_returns"].mean()),
-                "returns": result["returns"].tolist(),
-            })
-            writer.add_scalar("eval/episodic_return", mean_return, global_step)
-            if score is not None:
-                writer.add_scalar("eval/normalized_score", score, global_step)
-            writer.add_scalar("diagnostics/q_initial", evaluations[-1]["q_initial"], global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluations[-1]["discounted_return_initial"],
+            evaluation["wall_time_s"] = time.time() - start_time  # to this score, evaluations included
+            evaluations.append(evaluation)
+            writer.add_scalar("eval/episodic_return", evaluation["mean_return"], global_step)
+            if evaluation["normalized_score"] is not None:
+                writer.add_scalar("eval/normalized_score", evaluation["normalized_score"], global_step)
+            writer.add_scalar("diagnostics/q_initial", evaluation["q_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
                               global_step)
-            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {result['returns'].std():.1f}  "
-                  f"Q(s0) {evaluations[-1]['q_initial']:.1f} vs discounted return "
-                  f"{evaluations[-1]['discounted_return_initial']:.1f}  "
+            print(f"step {global_step}/{args.total_steps}  return {evaluation['mean_return']:.1f} ± "
+                  f"{evaluation['std_return']:.1f}  Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
+                  f"{evaluation['discounted_return_initial']:.1f}  "
                   f"td_loss {td_loss.item():.3f}  SPS {sps:.0f}", flush=True)
         if evaluate_now or stop_requested:
             wall_time = time.time() - start_time

@@ -195,6 +195,38 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     return {key: torch.tensor(arrays[key], dtype=torch.float32, device=device) for key in keys}, metadata
 
 
+def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
+    """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    space = probe_env.action_space
+    probe_env.close()
+    if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        fail(f"{env_id} has actions {space}; this script needs a Box action space with finite bounds")
+    obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
+    data_space = metadata.get("action_space", {})
+    data_low, data_high = data_space.get("low", space.low.tolist()), data_space.get("high", space.high.tolist())
+    if (probe_env.observation_space.shape != (obs_dim,) or space.shape != (action_dim,)
+            or not np.allclose(data_low, space.low) or not np.allclose(data_high, space.high)):
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+             f"{probe_env.observation_space.shape} and actions of shape {space.shape} in "
+             f"[{space.low.tolist()}, {space.high.tolist()}]")
+    data_min, data_max = (values.cpu().numpy() for values in data["actions"].aminmax(dim=0))
+    low, high = space.low.astype(np.float32), space.high.astype(np.float32)  # in the data's precision
+    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
+        fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
+             f"bounds [{space.low.tolist()}, {space.high.tolist()}]; --clip-actions clips them")
+    return env_id, space
+
+
 # ------------------------------------------------------------------------------------------------- networks
 def mlp(input_dim: int, output_dim: int, hidden_dim: int, num_layers: int, layer_norm: bool = False) -> nn.Sequential:
     layers, width = [], input_dim
@@ -317,10 +349,10 @@ class ActingPolicy(nn.Module):
 
 
 def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: int, seed: int, gamma: float,
-             device: torch.device, video_folder: Optional[Path] = None,
-             video_prefix: str = "eval") -> dict[str, np.ndarray]:
-    """Episodes of the deterministic policy tanh(mean) batched in a vector env; returns their returns, discounted
-    returns and the critic's value min(Q1, Q2) of the first states and the policy's actions."""
+             device: torch.device, reference_returns: Optional[dict], video_folder: Optional[Path] = None,
+             video_prefix: str = "eval") -> dict:
+    """Episodes of the deterministic policy tanh(mean) batched in a vector env; returns the evaluation's record:
+    mean_return, std_return, normalized_score, q_initial (min(Q1, Q2) at s0), discounted_return_initial, returns."""
 
     def make_env(index: int):
         def thunk():
@@ -351,7 +383,10 @@ def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: in
         discount *= gamma
         running &= ~(terminations | truncations)
     envs.close()
-    return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
+    mean_return = float(returns.mean())
+    return {"mean_return": mean_return, "std_return": float(returns.std()),
+            "normalized_score": normalized_score(mean_return, reference_returns), "q_initial": float(q_initial.mean()),
+            "discounted_return_initial": float(discounted_returns.mean()), "returns": returns.tolist()}
 
 
 def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
@@ -489,37 +524,10 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     data, metadata = load_dataset(args.dataset, device)
-    env_id = args.env_id or metadata.get("env_id")
-    if env_id is None:
-        fail(f"{args.dataset} does not name its env; give --env-id")
-    if args.capture_video:
-        prepare_rendering(env_id)
-    try:
-        probe_env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make env {env_id!r}: {error}")
-    action_space = probe_env.action_space
-    if not isinstance(action_space, gym.spaces.Box):
-        fail(f"{env_id} has actions {action_space}; this script needs a Box action space")
+    env_id, action_space = validate_env(args, data, metadata)
     obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
-    data_space = metadata.get("action_space", {})
-    data_low = data_space.get("low", action_space.low.tolist())
-    data_high = data_space.get("high", action_space.high.tolist())
-    if (probe_env.observation_space.shape != (obs_dim,) or action_space.shape != (action_dim,)
-            or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
-             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
-             f"{probe_env.observation_space.shape} and actions of shape {action_space.shape} in "
-             f"[{action_space.low.tolist()}, {action_space.high.tolist()}]")
-    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-        fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
-    probe_env.close()
     low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
     high = torch.tensor(action_space.high, dtype=torch.float32, device=device)
-    data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
-    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
-        fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
-             f"bounds [{action_space.low.tolist()}, {action_space.high.tolist()}]; --clip-actions clips them")
     data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
 
     run_dir = Path(args.resume) if checkpoint else make_run_dir(
@@ -672,25 +680,20 @@ if __name__ == "__main__":
         if evaluate_now:
             eval_start = time.time()
             video_folder = run_dir / "videos" if args.capture_video else None
-            result = evaluate(acting, critic, env_id, args.eval_episodes, args.seed, args.gamma, device, video_folder,
-                              f"step{global_step}")
+            evaluation = {"step": global_step, **evaluate(acting, critic, env_id, args.eval_episodes, args.seed,
+                                                          args.gamma, device, metadata.get("reference_returns"),
+                                                          video_folder, f"step{global_step}")}
             eval_time += time.time() - eval_start
-            mean_return = float(result["returns"].mean())
-            score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluation = {
-                "step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
-                "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
-                "discounted_return_initial": float(result["discounted_returns"].mean()),
-                "returns": result["returns"].tolist(),
-            }
+            evaluation["wall_time_s"] = time.time() - start_time  # to this score, evaluations included
             evaluations.append(evaluation)
-            writer.add_scalar("eval/episodic_return", mean_return, global_step)
-            if score is not None:
-                writer.add_scalar("eval/normalized_score", score, global_step)
+            writer.add_scalar("eval/episodic_return", evaluation["mean_return"], global_step)
+            if evaluation["normalized_score"] is not None:
+                writer.add_scalar("eval/normalized_score", evaluation["normalized_score"], global_step)
             writer.add_scalar("diagnostics/q_initial", evaluation["q_initial"], global_step)
             writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
                               global_step)
-            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
+            print(f"step {global_step}/{args.total_steps}  return {evaluation['mean_return']:.1f} ± "
+                  f"{evaluation['std_return']:.1f}  "
                   f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  td_loss {td_loss.item():.3f}  SPS {sps:.1f}",
                   flush=True)

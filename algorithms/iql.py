@@ -68,8 +68,8 @@ class Args:
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
     env_id: Optional[str] = None
     """env to evaluate on; None: the dataset's env_id"""
-    total_steps: int = 100_000
-    """number of gradient steps (paper: 1M; 100k here: 19 minutes on one CPU core, not 3.2 hours)"""
+    total_steps: int = 200_000
+    """number of gradient steps (paper: 1M; 200k here: 38 minutes on one CPU core, and still rising at 100k)"""
     eval_freq: int = 10_000
     """evaluate every this many gradient steps (and after the last one)"""
     eval_episodes: int = 10
@@ -183,6 +183,52 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     return data, metadata, arrays["episode_returns"]
 
 
+def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
+    """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
+    env_id = args.env_id or metadata.get("env_id")
+    if env_id is None:
+        fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
+    try:
+        probe_env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    action_space, observation_shape = probe_env.action_space, probe_env.observation_space.shape
+    probe_env.close()
+    actions, obs_dim, discrete = data["actions"], data["observations"].shape[1], data["actions"].dtype == torch.long
+    if not isinstance(action_space, gym.spaces.Discrete if discrete else gym.spaces.Box):
+        kind = "discrete actions" if discrete else f"continuous actions of shape ({actions.shape[1]},)"
+        fail(f"dataset {args.dataset} has {kind}, env {env_id} has actions {action_space}")
+    described = metadata.get("action_space", {})
+    if discrete:
+        n_actions = described.get("n", int(actions.max()) + 1)
+        if observation_shape != (obs_dim,) or n_actions != int(action_space.n):
+            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {n_actions} "
+                 f"actions, env {env_id} has observation shape {observation_shape} and {action_space.n} actions")
+        if actions.min() < 0 or actions.max() >= n_actions:
+            fail(f"{args.dataset}: actions range over {int(actions.min())}..{int(actions.max())}, "
+                 f"outside the env's 0..{n_actions - 1}")
+        return env_id, action_space
+    action_dim = actions.shape[1]
+    bounds = f"[{action_space.low.tolist()}, {action_space.high.tolist()}]"
+    data_low, data_high = (described.get(key, getattr(action_space, key).tolist()) for key in ("low", "high"))
+    if (observation_shape != (obs_dim,) or action_space.shape != (action_dim,)
+            or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
+        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
+             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
+             f"{observation_shape} and actions of shape {action_space.shape} in {bounds}")
+    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+        fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
+    low, high = (torch.tensor(bound, dtype=torch.float32, device=actions.device)
+                 for bound in (action_space.low, action_space.high))
+    data_min, data_max = actions.min(dim=0).values, actions.max(dim=0).values
+    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
+        fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
+             f"bounds {bounds}; --clip-actions clips them")
+    return env_id, action_space
+
+
 # ------------------------------------------------------------------------------------------------- networks
 def mlp(input_dim: int, output_dim: int, hidden_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
@@ -276,10 +322,11 @@ class ActingPolicy(nn.Module):
 
 
 def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: int, seed: int, gamma: float,
-             reward_scale: float, device: torch.device, video_folder: Optional[Path] = None,
-             video_prefix: str = "eval") -> dict[str, np.ndarray]:
-    """Deterministic episodes in a vector env (Box actions mapped to [low, high]): returns, discounted returns, and
-    min(Q1, Q2) of the first states and actions, in the env's reward units."""
+             reward_scale: float, device: torch.device, reference_returns: Optional[dict],
+             video_folder: Optional[Path] = None, video_prefix: str = "eval") -> dict:
+    """Deterministic episodes in a vector env (Box actions mapped to [low, high]). Returns the evaluation's record:
+    mean_return, std_return, normalized_score, q_initial (min(Q1, Q2) of the first states and actions, in the env's
+    reward units), discounted_return_initial (both averaged over the episodes) and the episodes' returns."""
 
     def make_env(index: int):
         def thunk():
@@ -311,7 +358,10 @@ def evaluate(acting: ActingPolicy, critic: TwinCritic, env_id: str, episodes: in
         discount *= gamma
         running &= ~(terminations | truncations)
     envs.close()
-    return {"returns": returns, "discounted_returns": discounted_returns, "q_initial": q_initial}
+    mean_return = float(returns.mean())
+    return {"mean_return": mean_return, "std_return": float(returns.std()),
+            "normalized_score": normalized_score(mean_return, reference_returns), "q_initial": float(q_initial.mean()),
+            "discounted_return_initial": float(discounted_returns.mean()), "returns": returns.tolist()}
 
 
 def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
@@ -449,44 +499,16 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     data, metadata, episode_returns = load_dataset(args.dataset, device)
-    env_id = args.env_id or metadata.get("env_id")
-    if env_id is None:
-        fail(f"{args.dataset} does not name its env; give --env-id")
-    if args.capture_video:
-        prepare_rendering(env_id)
-    try:
-        probe_env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make env {env_id!r}: {error}")
-    space = probe_env.action_space
-    obs_dim = data["observations"].shape[1]
-    discrete = data["actions"].dtype == torch.long
-    described = metadata.get("action_space", {})
+    env_id, action_space = validate_env(args, data, metadata)
+    obs_dim, discrete = data["observations"].shape[1], data["actions"].dtype == torch.long
+    n_actions, action_dim = (int(action_space.n), 0) if discrete else (0, data["actions"].shape[1])
     if discrete:
-        n_actions, action_dim = described.get("n", int(data["actions"].max()) + 1), 0
-        data_space = gym.spaces.Discrete(n_actions)
-    else:
-        n_actions, action_dim = 0, data["actions"].shape[1]
-        data_low, data_high = (np.array(described.get(key, getattr(space, key, np.zeros(action_dim))),
-                                        dtype=np.float32) for key in ("low", "high"))
-        data_space = gym.spaces.Box(data_low, data_high, dtype=np.float32)
-    if probe_env.observation_space.shape != (obs_dim,) or space != data_space:
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions {data_space}, "
-             f"env {env_id} has observation shape {probe_env.observation_space.shape} and actions {space}")
-    if discrete:
-        if data["actions"].min() < 0 or data["actions"].max() >= n_actions:
-            fail(f"{args.dataset}: actions range over {data['actions'].min().item()}..{data['actions'].max().item()}, "
-                 f"outside the env's 0..{n_actions - 1}")
         low, high = torch.zeros(0, device=device), torch.zeros(0, device=device)  # the acting function's buffers
     else:
-        if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
-            fail(f"{env_id} has unbounded actions {space}; the actor's tanh needs finite bounds")
-        low, high = (torch.tensor(bound, dtype=torch.float32, device=device) for bound in (space.low, space.high))
-        data_min, data_max = data["actions"].min(dim=0).values, data["actions"].max(dim=0).values
-        if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
-            fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
-                 f"bounds [{space.low.tolist()}, {space.high.tolist()}]; --clip-actions clips them")
-    probe_env.close()
+        low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
+        high = torch.tensor(action_space.high, dtype=torch.float32, device=device)
+        # The clamp covers actions a hair outside the bounds (and those --clip-actions lets through).
+        data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
 
     run_dir = Path(args.resume) if checkpoint else make_run_dir(
         f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
@@ -508,12 +530,9 @@ if __name__ == "__main__":
     if args.normalize_observations:
         actor.obs_mean.copy_(data["observations"].mean(dim=0))
         actor.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
-    # Standardised once here, so an update spends nothing on it; the clamp covers actions a hair outside the bounds
-    # (and those --clip-actions lets through).
+    # Standardised once here, so that an update spends nothing on it.
     data["observations"] = actor.normalize(data["observations"])
     data["next_observations"] = actor.normalize(data["next_observations"])
-    if not discrete:
-        data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
     return_range = float(np.ptp(episode_returns)) if args.normalize_rewards and len(episode_returns) > 1 else 0.0
     reward_scale = 1000.0 / return_range if return_range > 0 else 1.0
     data["rewards"] = data["rewards"] * reward_scale
@@ -589,23 +608,22 @@ if __name__ == "__main__":
 
         if evaluate_now:
             eval_start = time.time()
-            result = evaluate(acting, critic, env_id, args.eval_episodes, args.seed, args.gamma, reward_scale, device,
-                              run_dir / "videos" if args.capture_video else None, f"step{global_step}")
+            video_folder = run_dir / "videos" if args.capture_video else None
+            evaluation = {"step": global_step, **evaluate(acting, critic, env_id, args.eval_episodes, args.seed,
+                                                          args.gamma, reward_scale, device,
+                                                          metadata.get("reference_returns"), video_folder,
+                                                          f"step{global_step}")}
             eval_time += time.time() - eval_start
-            mean_return = float(result["returns"].mean())
-            score = normalized_score(mean_return, metadata.get("reference_returns"))
-            evaluation = {"step": global_step, "mean_return": mean_return, "std_return": float(result["returns"].std()),
-                          "normalized_score": score, "q_initial": float(result["q_initial"].mean()),
-                          "discounted_return_initial": float(result["discounted_returns"].mean()),
-                          "returns": result["returns"].tolist()}
+            evaluation["wall_time_s"] = time.time() - start_time  # to this score, evaluations included
             evaluations.append(evaluation)
-            writer.add_scalar("eval/episodic_return", mean_return, global_step)
-            if score is not None:
-                writer.add_scalar("eval/normalized_score", score, global_step)
-            for tag in ("q_initial", "discounted_return_initial"):
-                writer.add_scalar(f"diagnostics/{tag}", evaluation[tag], global_step)
-            print(f"step {global_step}/{args.total_steps}  return {mean_return:.1f} ± {evaluation['std_return']:.1f}  "
-                  f"Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
+            writer.add_scalar("eval/episodic_return", evaluation["mean_return"], global_step)
+            if evaluation["normalized_score"] is not None:
+                writer.add_scalar("eval/normalized_score", evaluation["normalized_score"], global_step)
+            writer.add_scalar("diagnostics/q_initial", evaluation["q_initial"], global_step)
+            writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
+                              global_step)
+            print(f"step {global_step}/{args.total_steps}  return {evaluation['mean_return']:.1f} ± "
+                  f"{evaluation['std_return']:.1f}  Q(s0) {evaluation['q_initial']:.1f} vs discounted return "
                   f"{evaluation['discounted_return_initial']:.1f}  SPS {sps:.0f}", flush=True)
         if evaluate_now or stop_requested:
             wall_time = time.time() - start_time
@@ -623,7 +641,7 @@ if __name__ == "__main__":
         export_policy(acting, obs_dim, run_dir / "policy.pt2", {
             "env_id": env_id, "algorithm": args.exp_name, "dataset": args.dataset, "step": global_step,
             "observation_shape": [obs_dim], "action_space": {"n": n_actions} if discrete else
-            {"low": space.low.tolist(), "high": space.high.tolist()},
+            {"low": action_space.low.tolist(), "high": action_space.high.tolist()},
             "reference_returns": metadata.get("reference_returns"), "deterministic": True,
             "evaluation": {"episodes": args.eval_episodes, "seed": args.seed, "gamma": args.gamma}})
         print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")

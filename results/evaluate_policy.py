@@ -85,11 +85,10 @@ def main() -> None:
     video_folder = args.policy.parent / "policy_videos" if args.capture_video else None
     torch.manual_seed(seed)  # what a sampling policy (BCQ's) draws: its script's evaluation seeds it the same way
     result = bc.evaluate(policy, env_id, episodes, seed, evaluation.get("gamma", 0.99), torch.device("cpu"),
-                         video_folder, "policy")
-    mean_return = float(result["returns"].mean())
-    line = (f"{info['algorithm']} on {env_id}: return {mean_return:.1f} ± {result['returns'].std():.1f} over "
+                         info.get("reference_returns"), video_folder, "policy")
+    line = (f"{info['algorithm']} on {env_id}: return {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
             f"{episodes} episodes (seed {seed})")
-    score = bc.normalized_score(mean_return, info.get("reference_returns"))
+    score = result["normalized_score"]
     print(line if score is None else f"{line}, normalised score {score:.1f}")
     if video_folder is not None:
         print(f"video in {video_folder}")

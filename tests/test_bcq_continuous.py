@@ -101,8 +101,11 @@ def test_run_writes_events_model_summary_and_video(pendulum_dataset, tmp_path, b
     assert policy.action_low.tolist() == [-2.0] and policy.action_high.tolist() == [2.0]
     # The dataset's observation statistics travel with the model: act() takes raw observations.
     assert policy.obs_std.min() > 0.1 and not torch.equal(policy.obs_std, torch.ones(3))
-    replay = bcq.evaluate(bcq.ActingPolicy(policy, 100), "Pendulum-v1", 2, 3, 0.99, torch.device("cpu"))
-    assert replay["returns"].tolist() == pytest.approx(summary["final_returns"], abs=1e-3)
+    replay = bcq.evaluate(bcq.ActingPolicy(policy, 100), "Pendulum-v1", 2, 3, 0.99, torch.device("cpu"), None)
+    assert replay["returns"] == pytest.approx(summary["final_returns"], abs=1e-3)
+    assert replay["mean_return"] == pytest.approx(summary["final_mean_return"], abs=1e-3)
+    assert list(replay) == ["mean_return", "std_return", "normalized_score", "q_initial", "discounted_return_initial",
+                            "returns"] and replay["normalized_score"] is None
 
 
 def test_learns_pendulum_from_a_noisy_controller(pendulum_dataset, tmp_path):

@@ -117,8 +117,11 @@ def test_run_writes_files_and_saved_model_reproduces_evaluation(cql, pendulum_da
     assert not torch.equal(actor.normalize.std, torch.ones(3))
     assert torch.equal(actor.normalize.mean, critic.normalize.mean)
     acting = cql.ActingPolicy(actor, torch.tensor([-2.0]), torch.tensor([2.0]))
-    again = cql.evaluate(acting, critic, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"))
+    references = {"random": -1000.0, "expert": 0.0}
+    again = cql.evaluate(acting, critic, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"), references)
     np.testing.assert_allclose(again["returns"], summary["final_returns"], rtol=1e-5)
+    assert again["normalized_score"] == pytest.approx(100.0 * (again["mean_return"] + 1000.0) / 1000.0)
+    assert again["q_initial"] == pytest.approx(summary["evaluations"][-1]["q_initial"], rel=1e-5)
 
 
 def test_learns_pendulum_from_a_noisy_controller(pendulum_dataset, tmp_path):

@@ -62,7 +62,7 @@ def results_of(run_dir) -> tuple[list, dict]:
     """The evaluations of summary.json without their wall times, and the saved model's tensors."""
     summary = json.loads((run_dir / "summary.json").read_text())
     model = torch.load(next(run_dir.glob(f"{summary['args']['exp_name']}.pt")), weights_only=True)
-    return summary["evaluations"], model
+    return [{key: value for key, value in e.items() if key != "wall_time_s"} for e in summary["evaluations"]], model
 
 
 def assert_same_results(first, second) -> None:

@@ -64,8 +64,10 @@ def test_run_writes_files_and_saved_model_reproduces_evaluation(td3_bc, pendulum
         torch.load(folder / f"{SCRIPT}.pt", weights_only=True))
     # The dataset's observation statistics and the env's bounds travel with the actor: act() takes raw observations.
     assert not torch.equal(actor.obs_std, torch.ones(3)) and actor.action_high.tolist() == [2.0]
-    again = td3_bc.evaluate(td3_bc.ActingPolicy(actor), critic, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"))
+    again = td3_bc.evaluate(td3_bc.ActingPolicy(actor), critic, "Pendulum-v1", 2, 4, 0.99, torch.device("cpu"), None)
     np.testing.assert_allclose(again["returns"], summary["final_returns"], rtol=1e-5)
+    assert again["mean_return"] == pytest.approx(summary["final_mean_return"], rel=1e-5)
+    assert again["normalized_score"] is None and isinstance(again["q_initial"], float)
 
 
 def test_learns_pendulum_from_a_noisy_controller(pendulum_dataset, tmp_path):
