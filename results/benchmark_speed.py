@@ -99,15 +99,15 @@ CASES = [
     Case("BCQ, defaults = paper (VAE 750-750, actor and critics 400-300, batch 100, 10 samples)",
          "algorithms/bcq_continuous.py", [], BIPEDAL, "BCQ",
          {"batch_size": 100, "actor_hidden": [400, 300], "critic_hidden": [400, 300], "vae_hidden": [750, 750],
-          "target_samples": 10, "lmbda": 0.75, "phi": 0.05}, 120, 1.5),
+          "target_samples": 10, "lmbda": 0.75, "phi": 0.05}, 120, 1.0),
     # --bc-steps 0: the timed steps are CQL steps, as d3rlpy's; behaviour-cloning steps are cheaper. d3rlpy
     # estimates the log-sum-exp on every state of the batch, hence --cql-states 256 for matched settings.
-    Case("CQL-SAC, 256-256, batch 256, 5 samples of each kind", "algorithms/cql_sac_continuous.py",
-         ["--bc-steps", "0", "--num-random", "5", "--cql-states", "256"], HOPPER, "CQL",
-         {**CQL_SAC_D3RLPY, "hidden": [256, 256], "num_random": 5}, 80, 1.5),
+    Case("CQL-SAC, defaults' networks (256-256, batch 256, 10 samples of each kind)",
+         "algorithms/cql_sac_continuous.py", ["--bc-steps", "0", "--cql-states", "256"], HOPPER, "CQL",
+         {**CQL_SAC_D3RLPY, "hidden": [256, 256], "num_random": 10}, 60, 1.0),
     Case("CQL-SAC, paper (3x256, batch 256, 10 samples of each kind)", "algorithms/cql_sac_continuous.py",
          ["--bc-steps", "0", "--num-layers", "3", "--num-random", "10", "--cql-states", "256"], HOPPER, "CQL",
-         {**CQL_SAC_D3RLPY, "hidden": [256, 256, 256], "num_random": 10}, 50, 1.5),
+         {**CQL_SAC_D3RLPY, "hidden": [256, 256, 256], "num_random": 10}, 50, 1.0),
     # alpha only scales a term of the actor's loss: the update's arithmetic is the same at any alpha.
     Case("TD3+BC, defaults (256-256, batch 256, the actor every 2 critic updates)", "algorithms/td3_bc.py", [],
          HOPPER, "TD3PlusBC",
@@ -116,6 +116,8 @@ CASES = [
     Case("IQL, defaults = paper (256-256, batch 256, twin critics, a value network)", "algorithms/iql.py", [], HOPPER,
          "IQL", {"hidden": [256, 256], "batch_size": 256, "expectile": 0.7, "beta": 3.0, "max_weight": 100.0},
          1500, 2.0),
+    Case("BC, defaults on Box actions (256-256, batch 256, Gaussian log-likelihood)", "algorithms/bc.py", [], HOPPER,
+         "BC", {"hidden": [256, 256], "batch_size": 256, "learning_rate": 1e-3}, 3000, 1.0),
 ]
 FLOP_TARGET = 0.6  # share of the fp32 limit aimed at for the two compute-bound continuous updates
 COLLECTOR_ENVS = ("LunarLander-v3", "Hopper-v5")

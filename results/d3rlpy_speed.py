@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--algo", required=True, choices=["DiscreteCQL", "DiscreteBCQ", "BCQ", "CQL", "TD3PlusBC", "IQL"])
+parser.add_argument("--algo", required=True,
+                    choices=["DiscreteCQL", "DiscreteBCQ", "BCQ", "CQL", "TD3PlusBC", "IQL", "BC"])
 parser.add_argument("--dataset", required=True, help="a .npz of data_collection/collect_dataset.py")
 parser.add_argument("--steps", type=int, default=1000, help="gradient steps to time")
 parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -67,6 +68,11 @@ elif args.algo == "TD3PlusBC":
         critic_encoder_factory=encoder(settings["hidden"]), alpha=settings["alpha"],
         target_smoothing_sigma=settings["policy_noise"], target_smoothing_clip=settings["noise_clip"],
         update_actor_interval=settings["policy_freq"])
+elif args.algo == "BC":
+    # "stochastic": a Gaussian policy fitted by its log-likelihood, as bc.py's default --box-loss gaussian.
+    config = d3rlpy.algos.BCConfig(
+        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]),
+        learning_rate=settings["learning_rate"], policy_type="stochastic")
 elif args.algo == "IQL":
     config = d3rlpy.algos.IQLConfig(
         batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),

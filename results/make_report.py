@@ -9,16 +9,25 @@ Reads results/matrix/*/summary.json and run.json (committed, so no dataset or ru
     with a band of one standard deviation, the dataset's own normalised return as a dashed line;
   - draws results/figures/overestimation_<env>.png: the critic's estimate of the return from the evaluation
     episodes' initial states (diagnostics/q_initial) against the discounted return those episodes really got
-    (diagnostics/discounted_return_initial), for the naive learner, CQL and BCQ on the same data.
+    (diagnostics/discounted_return_initial), for the naive learner, CQL and BCQ on the same data;
+  - reports each env as rliable does (Agarwal et al., 2021, https://arxiv.org/abs/2108.13264): the interquartile
+    mean (IQM) of the final normalised scores over the env's datasets and seeds with a 95% stratified-bootstrap
+    confidence interval, the probability that each offline method improves on BC, and a performance profile
+    (results/figures/performance_profiles.png);
+  - draws results/figures/compute.png: normalised score against wall-clock minutes on one core, per algorithm,
+    on Hopper medium-expert and BipedalWalker noisy, from the times of each run's own evaluations;
+  - checks the claims of the README against the numbers, each marked holds or fails.
 The text around the markers (the reading of the numbers) is written by hand.
 """
 
 import json
 import re
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 import matplotlib.lines
@@ -74,7 +83,7 @@ def dataset_scores(matrix: Path) -> dict[tuple[str, str], float]:
 
 
 def mean_std(values: list[float]) -> str:
-    """Mean ± std over seeds; one seed has no spread to show."""
+    """Mean ± population std (numpy's default, ddof 0) over seeds; one seed has no spread to show."""
     if len(values) < 2:
         return f"{values[0]:.1f}" if values else "–"
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
@@ -154,7 +163,7 @@ def plot_learning_curves(runs, env, behaviour: dict, path: Path) -> None:
                 continue
             steps, scores = seed_curves(records, "normalized_score")
             mean, std = scores.mean(axis=0), scores.std(axis=0)
-            colour = COLOURS[algorithm.label]
+            colour = COLOURS.get(algorithm.label)
             axis.plot(steps, mean, color=colour, label=algorithm.label)
             axis.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.2)
         if (env.env_id, dataset) in behaviour:
@@ -181,7 +190,7 @@ def plot_overestimation(runs, env, path: Path) -> bool:
                 continue
             steps, estimate = seed_curves(records, "q_initial")
             _, real = seed_curves(records, "discounted_return_initial")
-            colour = COLOURS[label]
+            colour = COLOURS.get(label)
             axis.plot(steps, estimate.mean(axis=0), color=colour, label=label)
             axis.plot(steps, real.mean(axis=0), color=colour, linestyle="--")
             largest = max(largest, np.abs(estimate).max(), np.abs(real).max())
@@ -197,6 +206,150 @@ def plot_overestimation(runs, env, path: Path) -> bool:
     return True
 
 
+# rliable hands arch a RandomState, which arch has deprecated: the intervals are the same either way.
+warnings.filterwarnings("ignore", category=FutureWarning, module="arch")
+BOOTSTRAP_REPS = 50_000
+COMPUTE_PANELS = (("Hopper-v5", "medium-expert"), ("BipedalWalker-v3", "noisy"))
+
+
+def final_scores(runs, env, label: str) -> Optional[np.ndarray]:
+    """[seeds, datasets] final normalised scores of one algorithm on an env, or None unless every dataset has
+    every seed: the stratified bootstrap resamples seeds within each dataset."""
+    cells = [[run["summary"]["final_normalized_score"] for run in runs.get((env.env_id, dataset, label), [])]
+             for dataset in env.datasets]
+    if any(len(cell) != len(SEEDS) or None in cell for cell in cells):
+        return None
+    return np.array(cells, dtype=float).T
+
+
+def interval(point: float, low_high: np.ndarray, digits: int = 1) -> str:
+    return f"{point:.{digits}f} [{low_high[0]:.{digits}f}, {low_high[1]:.{digits}f}]"
+
+
+def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
+    """IQM with 95% stratified-bootstrap CIs, probability of improvement over BC, and performance profiles."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    lines = ["### Aggregate scores (rliable)", "",
+             f"Interquartile mean (IQM) of the final normalised scores over each env's datasets and {len(SEEDS)} "
+             f"seeds, with 95% stratified-bootstrap confidence intervals ({BOOTSTRAP_REPS:,} resamples of the seeds "
+             "within each dataset); P(X > BC) is the probability that a run of the method on a dataset scores "
+             "above a run of BC on it, with its 95% interval. Only algorithms with every dataset and seed done "
+             "are counted.", "", "| env | algorithm | IQM | mean | P(X > BC) |", "|---|---|---|---|---|"]
+    profiles = []
+    for env in MATRIX:
+        scores = {algorithm.label: matrix for algorithm in env.algorithms
+                  if (matrix := final_scores(runs, env, algorithm.label)) is not None}
+        if not scores:
+            continue
+        aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
+        points, cis = rly.get_interval_estimates(scores, aggregate, reps=BOOTSTRAP_REPS,
+                                                 random_state=np.random.RandomState(0))
+        pairs = {label: (matrix, scores["BC"]) for label, matrix in scores.items() if label != "BC" and "BC" in scores}
+        improvement, improvement_cis = rly.get_interval_estimates(pairs, metrics.probability_of_improvement,
+                                                                  reps=2_000, random_state=np.random.RandomState(0))
+        for label in scores:
+            against_bc = interval(improvement[label], improvement_cis[label][:, 0], 2) if label in pairs else "–"
+            lines.append(f"| {env.env_id} | {label} | {interval(points[label][0], cis[label][:, 0])} | "
+                         f"{interval(points[label][1], cis[label][:, 1])} | {against_bc} |")
+        profiles.append((env, scores))
+    if not profiles:
+        return ["### Aggregate scores (rliable)", "", "No env has every dataset and seed of an algorithm done yet.", ""]
+    figure, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.4), squeeze=False)
+    for axis, (env, scores) in zip(axes[0], profiles):
+        taus = np.linspace(min(0.0, min(m.min() for m in scores.values())), max(m.max() for m in scores.values()), 81)
+        distributions, bands = rly.create_performance_profile(scores, taus, reps=2_000)
+        for label, distribution in distributions.items():
+            axis.plot(taus, distribution, color=COLOURS.get(label), label=label)
+            axis.fill_between(taus, bands[label][0], bands[label][1], color=COLOURS.get(label), alpha=0.15)
+        axis.set_title(env.env_id)
+        axis.set_xlabel("normalised score τ")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of runs\nscoring above τ")
+    path = figures / "performance_profiles.png"
+    save_with_legend(figure, axes[0], path)
+    return [*lines, "", f"![performance profiles]({path.relative_to(readme_dir)})", ""]
+
+
+def evaluation_minutes(run: dict) -> np.ndarray:
+    """Wall-clock minutes from a run's start to each of its evaluations (training and evaluating, one core)."""
+    summary = run["summary"]
+    return np.array([evaluation["wall_time_s"] / 60 for evaluation in summary["evaluations"]])
+
+
+def plot_compute(runs, path: Path) -> bool:
+    """Normalised score against wall-clock minutes, mean over seeds, on the datasets of COMPUTE_PANELS."""
+    panels = [(env, dataset) for env in MATRIX for env_id, dataset in COMPUTE_PANELS if env.env_id == env_id
+              and any(runs.get((env_id, dataset, algorithm.label)) for algorithm in env.algorithms)]
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for axis, (env, dataset) in zip(axes[0], panels):
+        for algorithm in env.algorithms:
+            records = [run for run in runs.get((env.env_id, dataset, algorithm.label), [])
+                       if all("wall_time_s" in evaluation for evaluation in run["summary"]["evaluations"])]
+            if not records:
+                continue
+            steps, scores = seed_curves(records, "normalized_score")
+            minutes = np.mean([[m for e, m in zip(r["summary"]["evaluations"], evaluation_minutes(r))
+                                if e["step"] in steps] for r in records], axis=0)
+            axis.plot(minutes, scores.mean(axis=0), color=COLOURS.get(algorithm.label), marker=".",
+                      label=algorithm.label)
+        axis.set_title(f"{env.env_id}, {dataset}")
+        axis.set_xlabel("wall-clock minutes (one core)")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("normalised score")
+    save_with_legend(figure, axes[0], path)
+    return True
+
+
+def claims(runs) -> list[str]:
+    """The README's claims a teacher relies on, each checked against the runs: holds, fails, or not yet run."""
+    from rliable import library as rly
+
+    lines = ["### Claims, checked against these runs", "", "| claim | numbers | verdict |", "|---|---|---|"]
+    for env in MATRIX:
+        naive = [a.label for a in env.algorithms if a.label in NAIVE]
+        for label in naive + ["CQL"]:
+            for dataset in env.datasets:
+                records = runs.get((env.env_id, dataset, label), [])
+                if not records:
+                    continue
+                estimate = np.mean([r["summary"]["evaluations"][-1]["q_initial"] for r in records])
+                real = np.mean([r["summary"]["evaluations"][-1]["discounted_return_initial"] for r in records])
+                if label in NAIVE:
+                    _, scores = seed_curves(records, "normalized_score")
+                    curve = scores.mean(axis=0)
+                    holds = estimate > real and curve[-1] < 0.5 * curve.max()
+                    text = (f"Q(s0) {estimate:.1f} vs real {real:.1f}; the score peaks at {curve.max():.1f}, ends at "
+                            f"{curve[-1]:.1f}")
+                    claim = f"{label} over-estimates and collapses (ends below half its peak) on {env.env_id} {dataset}"
+                else:
+                    holds = estimate < real
+                    text = f"Q(s0) {estimate:.1f} vs real {real:.1f}"
+                    claim = f"CQL stays below its real return on {env.env_id} {dataset}"
+                lines.append(f"| {claim} | {text} (mean of {len(records)} seeds' last evaluation) | "
+                             f"{'holds' if holds else '**fails**'} |")
+    for env_id, dataset in COMPUTE_PANELS:
+        env = next(env for env in MATRIX if env.env_id == env_id)
+        cells = {a.label: np.array([[r["summary"]["final_normalized_score"]]
+                                    for r in runs.get((env_id, dataset, a.label), [])], dtype=float)
+                 for a in env.algorithms if a.label not in NAIVE}
+        cells = {label: cell for label, cell in cells.items() if len(cell) == len(SEEDS)}
+        if "BC" not in cells or len(cells) < 2:
+            lines.append(f"| the best offline method beats BC on {env_id} {dataset} | not every seed has run | – |")
+            continue
+        means, cis = rly.get_interval_estimates(cells, lambda x: np.array([x.mean()]), reps=BOOTSTRAP_REPS,
+                                                random_state=np.random.RandomState(0))
+        best = max((label for label in cells if label != "BC"), key=lambda label: means[label][0])
+        holds = cis[best][0, 0] > cis["BC"][1, 0]
+        lines.append(f"| the best offline method beats BC outside the 95% intervals on {env_id} {dataset} | "
+                     f"{best} {interval(means[best][0], cis[best][:, 0])} vs BC "
+                     f"{interval(means['BC'][0], cis['BC'][:, 0])} | {'holds' if holds else '**fails**'} |")
+    return [*lines, ""]
+
+
 def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
     behaviour = dataset_scores(matrix)
     lines = []
@@ -206,14 +359,21 @@ def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
             continue
         curves = figures / f"learning_curves_{env.env_id}.png"
         plot_learning_curves(runs, env, behaviour, curves)
-        lines += [f"### {env.env_id}", "", "Final return (mean ± std over seeds of each run's final 10-episode mean; "
-                  "best in bold):", "", *score_table(runs, env, "final_mean_return"), "",
+        lines += [f"### {env.env_id}", "", "Final return (mean ± population std over seeds of each run's final "
+                  "10-episode mean; best in bold):", "", *score_table(runs, env, "final_mean_return"), "",
                   "Normalised score:", "", *score_table(runs, env, "final_normalized_score"), "",
                   f"![learning curves]({curves.relative_to(readme_dir)})", ""]
         overestimation = figures / f"overestimation_{env.env_id}.png"
         if plot_overestimation(runs, env, overestimation):
             lines += [f"![overestimation]({overestimation.relative_to(readme_dir)})", ""]
         lines += ["Cost and commands:", "", *cost_table(runs, env), ""]
+    lines += rliable_report(runs, figures, readme_dir)
+    compute = figures / "compute.png"
+    if plot_compute(runs, compute):
+        lines += ["### What compute buys", "", "Normalised score against wall-clock minutes on one core (training "
+                  "and evaluation, the mean over seeds at each evaluation):", "",
+                  f"![compute]({compute.relative_to(readme_dir)})", ""]
+    lines += claims(runs)
     datasets = matrix / "datasets.md"
     if datasets.exists():
         lines += ["### Datasets", "", *datasets.read_text().splitlines()[1:], ""]

@@ -3,10 +3,13 @@
     .venv/bin/python results/run_matrix.py --list                 # the runs, and which are done
     .venv/bin/python results/run_matrix.py --jobs 2               # run what is not done, 2 at a time
     .venv/bin/python results/run_matrix.py --only LunarLander-v3 --stop-within 150
+    .venv/bin/python results/run_matrix.py --backend ray --address auto --jobs 32   # on a Ray cluster
     .venv/bin/python results/make_report.py                       # tables and plots from what is done
 
 Each run is the algorithm script started from the repository root as a user starts it, with --threads 1 so
-that two runs share this 2-core machine without slowing each other. A finished run leaves, in
+that two runs share this 2-core machine without slowing each other. With --backend ray each run is a Ray task
+of one CPU that starts the same command on the node Ray places it on; the nodes must see the repository at the
+same path (a shared file system), since the records are written there. A finished run leaves, in
 results/matrix/<env>__<dataset>__<label>__<seed>/ (committed):
   summary.json  the script's own summary (final returns, evaluations with q_initial, wall time, ...)
   run.json      git commit, command line, wall time, start and end, machine
@@ -37,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
-from typing import NoReturn, Optional
+from typing import Literal, NoReturn, Optional
 
 import tyro
 
@@ -62,6 +65,8 @@ DATASET_COMMANDS = {
     ("Hopper-v5", "expert"): f"{COLLECT} --env-id Hopper-v5 --policy expert",
     ("Hopper-v5", "medium-expert"): "python data_collection/mix_datasets.py datasets/Hopper-v5/medium.npz "
                                     "datasets/Hopper-v5/expert.npz --output datasets/Hopper-v5/medium-expert.npz",
+    ("Hopper-v5", "random"): f"{COLLECT} --env-id Hopper-v5 --policy random",
+    ("BipedalWalker-v3", "random"): f"{COLLECT} --env-id BipedalWalker-v3 --policy random",
     ("BipedalWalker-v3", "noisy"): f"{COLLECT} --env-id BipedalWalker-v3 --policy noisy",
     ("BipedalWalker-v3", "expert"): f"{COLLECT} --env-id BipedalWalker-v3 --policy expert",
 }
@@ -86,7 +91,7 @@ CQL_SAC = Algorithm("CQL", "algorithms/cql_sac_continuous.py", minutes=36)
 SAC = Algorithm("SAC", "algorithms/cql_sac_continuous.py", ("--cql-alpha", "0", "--exp-name", "sac"), 15)
 BCQ = Algorithm("BCQ", "algorithms/bcq_continuous.py", minutes=50)
 TD3_BC = Algorithm("TD3+BC", "algorithms/td3_bc.py", minutes=20)
-IQL = Algorithm("IQL", "algorithms/iql.py", minutes=20)
+IQL = Algorithm("IQL", "algorithms/iql.py", minutes=40)
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,8 @@ class EnvRows:
 
 MATRIX = (
     EnvRows("LunarLander-v3", ("random", "medium", "noisy", "expert"), (CQL_DQN, BCQ_DISCRETE, IQL, DQN, BC)),
-    EnvRows("Hopper-v5", ("medium", "expert", "medium-expert"), (CQL_SAC, BCQ, TD3_BC, IQL, SAC, BC)),
-    EnvRows("BipedalWalker-v3", ("noisy", "expert"), (BCQ, CQL_SAC, TD3_BC, IQL, BC)),
+    EnvRows("Hopper-v5", ("random", "medium", "expert", "medium-expert"), (CQL_SAC, BCQ, TD3_BC, IQL, SAC, BC)),
+    EnvRows("BipedalWalker-v3", ("random", "noisy", "expert"), (BCQ, CQL_SAC, TD3_BC, IQL, SAC, BC)),
 )
 SEEDS = (1, 2, 3)
 
@@ -149,6 +154,11 @@ class Args:
     """run even when algorithms/ has uncommitted changes (the commit recorded would not be the code that ran)"""
     max_points: int = 200
     """most points kept per TensorBoard tag in scalars.csv (evenly spaced)"""
+    backend: Literal["local", "ray"] = "local"
+    """local: a process pool on this machine; ray: each run a Ray task of one CPU, on a Ray cluster"""
+    address: Optional[str] = None
+    """--backend ray: the cluster to join ("auto": the one `ray start --head` started here, or host:port);
+    None: start a Ray instance on this machine for the matrix"""
 
 
 def all_runs() -> list[Run]:
@@ -218,24 +228,70 @@ def resumable_folder(run: Run, log_path: Path, commit: str) -> Optional[Path]:
     return ROOT / folder.group(1) if unchanged else None
 
 
-def start(run: Run, commit: str) -> tuple[subprocess.Popen, float]:
+def start(run: Run, commit: str, backend: str) -> tuple["subprocess.Popen | RayRun", float]:
+    """Launch the run (resumed from its checkpoint when it can be) as a process here, or as a Ray task."""
     log_path = MATRIX_DIR / "logs" / f"{run.key}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     resume = resumable_folder(run, log_path, commit)
     if resume is None:
         command = [sys.executable, *run.command[1:]]
-        log = log_path.open("w")
-        log.write(f"# commit {commit}\n$ {shlex.join(run.command)}\n")
+        log_path.write_text(f"# commit {commit}\n$ {shlex.join(run.command)}\n")
     else:
         command = [sys.executable, run.command[1], "--resume", str(resume.relative_to(ROOT))]
-        log = log_path.open("a")
-        log.write(f"$ {shlex.join(['python', *command[1:]])}\n")
-    log.flush()
-    # A process group of its own, so that Ctrl-C reaches each run once, from main(), not twice (twice stops at once).
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    log.close()
+        with log_path.open("a") as log:
+            log.write(f"$ {shlex.join(['python', *command[1:]])}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if backend == "ray":
+        return RayRun(command, log_path, env), time.time()
+    with log_path.open("a") as log:
+        # A process group of its own, so that Ctrl-C reaches each run once, from main(), not twice (twice stops
+        # at once).
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=env)
     return process, time.time()
+
+
+def run_in_ray_worker(command: list[str], root: str, log_path: str, env: dict) -> int:
+    """The body of a run's Ray task: the same command as a local run, on the node the task was placed on.
+    ray.cancel raises KeyboardInterrupt here; the run then gets Ctrl-C, writes its checkpoint and stops."""
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=env)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
+            return process.wait()
+
+
+class RayRun:
+    """A run submitted as a Ray task of one CPU, with the poll, send_signal and wait of a Popen, so that main()
+    schedules both backends alike. The nodes must see this repository (datasets included) at the same path, as
+    on a shared file system: the run writes its run folder and log there, and finish() reads them."""
+
+    def __init__(self, command: list[str], log_path: Path, env: dict):
+        import ray
+
+        self.ray = ray
+        task = ray.remote(num_cpus=1, max_retries=0)(run_in_ray_worker)
+        self.reference = task.remote(command, str(ROOT), str(log_path), env)
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None and self.ray.wait([self.reference], timeout=0)[0]:
+            try:
+                self.returncode = self.ray.get(self.reference)
+            except (self.ray.exceptions.TaskCancelledError, self.ray.exceptions.RayTaskError,
+                    self.ray.exceptions.WorkerCrashedError):
+                self.returncode = 130
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self.ray.cancel(self.reference)
+
+    def wait(self) -> int:
+        self.ray.wait([self.reference])
+        return self.poll()
 
 
 def finish(run: Run, returncode: int, started: float, commit: str, max_points: int) -> str:
@@ -281,9 +337,25 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def connect_to_ray(address: Optional[str]) -> None:
+    """Join the Ray cluster at address, or start one on this machine (address None), or stop with one line."""
+    try:
+        import ray
+    except ImportError:
+        fail("--backend ray needs Ray: pip install 'ray==2.60.0'")
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        fail(f"cannot reach a Ray cluster at {address}: {str(error).strip().splitlines()[0]} "
+             f"(start one with `ray start --head`, then give --address auto or its host:port)")
+    print(f"Ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs in the cluster, one per run", flush=True)
+
+
 def main(args: Args) -> None:
     if args.jobs < 1 or args.max_points < 1:
         fail("--jobs and --max-points must be at least 1")
+    if args.address is not None and args.backend != "ray":
+        fail("--address names a Ray cluster: give it with --backend ray")
     runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
     describe_datasets(all_runs())
     if args.list:
@@ -304,7 +376,9 @@ def main(args: Args) -> None:
     deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
     todo = [run for run in runs if not run.done]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs done; {len(todo)} to run, {args.jobs} at a time")
-    running: dict[Run, tuple[subprocess.Popen, float]] = {}
+    if args.backend == "ray" and todo:
+        connect_to_ray(args.address)
+    running: dict[Run, tuple["subprocess.Popen | RayRun", float]] = {}
     try:
         while todo or running:
             while todo and len(running) < args.jobs:
@@ -315,7 +389,7 @@ def main(args: Args) -> None:
                     break
                 run = fitting[0]
                 todo.remove(run)
-                running[run] = start(run, commit)
+                running[run] = start(run, commit, args.backend)
                 print(f"[{time.strftime('%H:%M')}] start {run.key} (about {expected_minutes(run, finished):.0f} min)",
                       flush=True)
             if not running:

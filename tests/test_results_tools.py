@@ -188,3 +188,94 @@ def test_benchmark_takes_the_hub_cache_from_the_hugging_face_variables(tmp_path)
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert Path(result.stdout.strip()) == expected
+
+
+def test_matrix_runs_as_ray_tasks_and_writes_the_same_records(cartpole_dataset, tmp_path, monkeypatch, capsys):
+    """--backend ray on a Ray instance started for the test: a tiny matrix of two BC runs, each a Ray task,
+    leaves the records a local run leaves (summary.json, run.json, scalars.csv), and a second start skips them."""
+    import shutil
+
+    import ray
+
+    run_matrix = load_run_matrix()
+    root = tmp_path / "repo"
+    (root / "algorithms").mkdir(parents=True)
+    shutil.copy(ROOT / "algorithms" / "bc.py", root / "algorithms" / "bc.py")
+    (root / "datasets" / "CartPole-v1").mkdir(parents=True)
+    shutil.copy(cartpole_dataset, root / "datasets" / "CartPole-v1" / "scripted.npz")
+    for command in (["init", "-q"], ["add", "algorithms"], ["commit", "-qm", "bc"]):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *command], cwd=root, check=True)
+    tiny = run_matrix.Algorithm("BC", "algorithms/bc.py", ("--total-steps", "200", "--eval-freq", "100",
+                                                           "--eval-episodes", "2"), minutes=1)
+    monkeypatch.setattr(run_matrix, "ROOT", root)
+    monkeypatch.setattr(run_matrix, "MATRIX_DIR", root / "results" / "matrix")
+    monkeypatch.setattr(run_matrix, "MATRIX", (run_matrix.EnvRows("CartPole-v1", ("scripted",), (tiny,)),))
+    monkeypatch.setattr(run_matrix, "SEEDS", (1, 2))
+    try:
+        run_matrix.main(run_matrix.Args(backend="ray", jobs=2))
+    finally:
+        ray.shutdown()
+    assert "CPUs in the cluster, one per run" in capsys.readouterr().out
+    for seed in (1, 2):
+        record = root / "results" / "matrix" / f"CartPole-v1__scripted__BC__{seed}"
+        summary = json.loads((record / "summary.json").read_text())
+        run = json.loads((record / "run.json").read_text())
+        assert summary["steps_done"] == 200 and summary["args"]["seed"] == seed
+        assert run["command"].startswith("python algorithms/bc.py --dataset datasets/CartPole-v1/scripted.npz")
+        with (record / "scalars.csv").open() as file:
+            assert "eval/episodic_return" in {row["tag"] for row in csv.DictReader(file)}
+    run_matrix.main(run_matrix.Args(backend="ray", jobs=2))  # all done: it starts nothing, and needs no Ray
+    assert "0 to run" in capsys.readouterr().out
+
+
+def write_hopper_runs(matrix: Path) -> None:
+    """Every Hopper dataset and seed for BC, TD3+BC, CQL and SAC: TD3+BC scores well above BC on medium-expert,
+    CQL ends below its real return, SAC above it."""
+    base = {"BC": 50.0, "TD3+BC": 80.0, "CQL": 60.0, "SAC": 5.0}
+    for dataset_index, dataset in enumerate(("random", "medium", "expert", "medium-expert")):
+        for label, score in base.items():
+            for seed in (1, 2, 3):
+                final = score + dataset_index + seed
+                curve = {10000: 40.0, 20000: final} if label == "SAC" else {10000: final / 2, 20000: final}
+                evaluations = [{"step": step, "mean_return": 30 * final, "normalized_score": curve[step],
+                                "q_initial": {"CQL": 50.0, "SAC": 5000.0}.get(label, 0.0),
+                                "discounted_return_initial": 100.0, "wall_time_s": 60.0 * step / 1000}
+                               for step in (10000, 20000)]
+                folder = matrix / f"Hopper-v5__{dataset}__{label}__{seed}"
+                folder.mkdir(parents=True)
+                summary = {"final_mean_return": 30 * final, "final_normalized_score": final, "total_steps": 20000,
+                           "updates_per_second": 100.0, "evaluations": evaluations}
+                record = {"env_id": "Hopper-v5", "dataset": dataset, "algorithm": label, "seed": seed,
+                          "command": f"python algorithms/x.py --dataset datasets/Hopper-v5/{dataset}.npz "
+                                     f"--seed {seed} --threads 1",
+                          "commit": "0123456789abcdef", "wall_time_s": 1200.0,
+                          "machine": {"cpu": "Test CPU", "cores": 2}}
+                (folder / "summary.json").write_text(json.dumps(summary))
+                (folder / "run.json").write_text(json.dumps(record))
+
+
+def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_path):
+    matrix, readme = tmp_path / "matrix", tmp_path / "README.md"
+    write_hopper_runs(matrix)
+    readme.write_text("<!-- report:begin (made by results/make_report.py) -->\n<!-- report:end -->\n")
+    result = subprocess.run([sys.executable, REPORT, "--matrix", matrix, "--readme", readme,
+                             "--figures", tmp_path / "figs"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = readme.read_text()
+    # TD3+BC's 12 scores are 81..86 (seed + dataset), so its IQM is the mean of the middle six (83, 83, 83, 84, 84,
+    # 84); every one of its runs beats every run of BC (51..56), so P(TD3+BC > BC) is 1 with an interval of [1, 1].
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| Hopper-v5 | ")}
+    assert rows["TD3+BC"].startswith("| Hopper-v5 | TD3+BC | 83.5 [") and rows["TD3+BC"].endswith(
+        "| 1.00 [1.00, 1.00] |")
+    assert rows["BC"].endswith("| – |") and rows["SAC"].endswith("| 0.00 [0.00, 0.00] |")
+    assert "| CQL stays below its real return on Hopper-v5 medium-expert | Q(s0) 50.0 vs real 100.0" in text
+    assert ("| SAC over-estimates and collapses (ends below half its peak) on Hopper-v5 medium | Q(s0) 5000.0 vs "
+            "real 100.0; the score peaks at 40.0, ends at 8.0" in text)
+    assert "**fails**" not in text
+    assert ("| the best offline method beats BC outside the 95% intervals on Hopper-v5 medium-expert | TD3+BC 85.0 ["
+            in text)
+    assert "| the best offline method beats BC on BipedalWalker-v3 noisy | not every seed has run | – |" in text
+    assert "population std" in text
+    for name in ("performance_profiles.png", "compute.png"):
+        assert (tmp_path / "figs" / name).stat().st_size > 10_000
+        assert f"(figs/{name})" in text

@@ -1,0 +1,166 @@
+"""Which finished matrix runs were made by code that still computes the same numbers, and may be kept.
+
+    .venv/bin/python results/check_reuse.py            # check, and write results/matrix/reuse.md
+    .venv/bin/python results/check_reuse.py --drop     # also delete the records that must be run again
+
+A record of results/matrix/ (see run_matrix.py) holds the commit that made it. For each script and commit among
+the records made before HEAD, this
+  1. compares the flags the run was made with (its summary.json's args) with what the command would give today
+     (the script's current defaults under the same command line): a changed default (say, more steps) changes
+     the run; a flag added or removed since is left to the short run;
+  2. runs the script as it was at that commit and as it is now, with the record's command line and a short
+     seeded run (--total-steps 300 --eval-freq 150 --eval-episodes 2) on the same dataset, and compares every
+     evaluation (returns, normalised scores, Q estimates) and every tensor of the saved model.
+  3. compares the dataset file of today with the one the record was trained on: the row of the committed
+     results/matrix/datasets.md (transitions, episodes, mean return, reference returns) against
+     data_collection/describe_datasets.py on today's file. A collection made again elsewhere can differ.
+Records pass when all three agree exactly; the others are listed, and --drop deletes them so that run_matrix.py
+runs them again.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_matrix import MATRIX_DIR, ROOT  # noqa: E402
+
+SHORT = ["--total-steps", "300", "--eval-freq", "150", "--eval-episodes", "2"]
+IGNORED_ARGS = {"resume"}  # how a run was continued, not what it computed
+
+
+@dataclass
+class Args:
+    drop: bool = False
+    """delete the records that fail the check, so that results/run_matrix.py runs them again"""
+    output: Path = MATRIX_DIR / "reuse.md"
+    """the report of the check"""
+
+
+def dataset_rows(table: str) -> dict[tuple[str, str], list[str]]:
+    """(env, file) -> the cells of a describe_datasets.py table row that describe the data (not its timing)."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `"):
+            rows[cells[1], cells[0].strip("`")] = cells[:-1]  # the last column is the collection time
+    return rows
+
+
+def changed_datasets(records: list[Path]) -> set[str]:
+    """Dataset paths of the records whose file today is not the one the committed datasets.md describes."""
+    committed = subprocess.run(["git", "show", "HEAD:results/matrix/datasets.md"], cwd=ROOT, capture_output=True,
+                               text=True).stdout
+    paths = sorted({json.loads((folder / "summary.json").read_text())["args"]["dataset"] for folder in records})
+    existing = [path for path in paths if (ROOT / path).exists()]
+    today = subprocess.run([sys.executable, ROOT / "data_collection" / "describe_datasets.py", *existing], cwd=ROOT,
+                           capture_output=True, text=True).stdout if existing else ""
+    before, now = dataset_rows(committed), dataset_rows(today)
+    return {path for path in paths if (key := (Path(path).parent.name, Path(path).name)) not in now
+            or before.get(key) != now[key]}
+
+
+def current_args(script: str, command: list[str]) -> dict:
+    """The args the script would run with today under this command line (its flags over its current defaults)."""
+    spec = importlib.util.spec_from_file_location("script", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dataclasses.asdict(tyro.cli(module.Args, args=command[2:]))
+
+
+def short_run(source: Path, command: list[str], folder: Path) -> tuple[list, dict]:
+    """Evaluations and model tensors of a short seeded run of the script file `source`, in `folder`."""
+    folder.mkdir(parents=True)
+    dataset = command[command.index("--dataset") + 1]
+    flags = [*command[2:], *SHORT]
+    flags[flags.index("--dataset") + 1] = str(ROOT / dataset)
+    result = subprocess.run([sys.executable, str(source), *flags], cwd=folder, capture_output=True, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    if result.returncode != 0:
+        raise RuntimeError((result.stderr.strip().splitlines() or ["no output"])[-1])
+    run_dir = next((folder / "runs").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model = next(path for path in run_dir.glob("*.pt") if path.name != "checkpoint.pt")
+    return summary["evaluations"], torch.load(model, weights_only=True)
+
+
+def same_numbers(script: str, commit: str, command: list[str]) -> tuple[bool, str]:
+    with tempfile.TemporaryDirectory() as temporary:
+        old = Path(temporary) / Path(script).name
+        old.write_text(subprocess.run(["git", "show", f"{commit}:{script}"], cwd=ROOT, capture_output=True,
+                                      text=True, check=True).stdout)
+        try:
+            before = short_run(old, command, Path(temporary) / "old")
+            after = short_run(ROOT / script, command, Path(temporary) / "new")
+        except RuntimeError as error:
+            return False, f"a short run failed: {error}"
+    evaluations = [{key: value for key, value in e.items() if key != "wall_time_s"} for e in after[0]]
+    if before[0] != evaluations:
+        return False, "the evaluations of the short run differ"
+    if before[1].keys() != after[1].keys() or not all(torch.equal(before[1][k], after[1][k]) for k in before[1]):
+        return False, "the model tensors of the short run differ"
+    return True, f"{len(after[0])} evaluations and {len(after[1])} model tensors identical"
+
+
+def main(args: Args) -> None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    groups = defaultdict(list)  # (script, commit, flags beyond --dataset and --seed) -> records
+    for path in sorted(MATRIX_DIR.glob("*/run.json")):
+        record = json.loads(path.read_text())
+        command = shlex.split(record["command"])
+        if record["commit"] == head:
+            continue
+        flags = [flag for i, flag in enumerate(command[2:], 2)
+                 if flag not in ("--dataset", "--seed") and command[i - 1] not in ("--dataset", "--seed")]
+        groups[command[1], record["commit"], " ".join(flags)].append((path.parent, command))
+    changed_data = changed_datasets([folder for records in groups.values() for folder, _ in records])
+    lines = [f"Checked at commit {head[:7]} by `python results/check_reuse.py`: each finished run made at an earlier "
+             "commit against the code of today, by its flags and by a short seeded run "
+             f"(`{' '.join(SHORT)}`) of both versions on its dataset.", "",
+             "| script | its flags | commit | runs | flags as today | short run | kept |",
+             "|---|---|---|---|---|---|---|"]
+    if changed_data:
+        lines[1:1] = ["", "Datasets that differ from those the runs were made on (their runs are not kept): "
+                      + ", ".join(f"`{path}`" for path in sorted(changed_data)) + "."]
+    dropped = 0
+    for (script, commit, flags), records in sorted(groups.items()):
+        changed = set()
+        for folder, command in records:
+            made_with = json.loads((folder / "summary.json").read_text())["args"]
+            today = current_args(script, command)
+            # A flag added since (absent from the record) or removed since (absent today) is left to the short
+            # run, which runs the record's command line on both versions.
+            changed |= {key for key in set(made_with) & set(today) - IGNORED_ARGS if made_with[key] != today[key]}
+        flags_text = "same" if not changed else "changed: " + ", ".join(sorted(changed))
+        if changed:
+            same, how = False, "not run"
+        else:
+            print(f"{script} {flags} at {commit[:7]}: short runs of both versions ...", flush=True)
+            same, how = same_numbers(script, commit, records[0][1])
+        kept = [(folder, command) for folder, command in records
+                if same and command[command.index("--dataset") + 1] not in changed_data]
+        lines.append(f"| `{script}` | `{flags}` | {commit[:7]} | {len(records)} | {flags_text} | {how} | "
+                     f"{len(kept)} of {len(records)} |")
+        print(lines[-1], flush=True)
+        if args.drop:
+            for folder, _ in (record for record in records if record not in kept):
+                subprocess.run(["git", "rm", "-rq", "--ignore-unmatch", str(folder)], cwd=ROOT, check=True)
+                subprocess.run(["rm", "-rf", str(folder)], check=True)
+                dropped += 1
+    args.output.write_text("# Finished runs kept from earlier commits\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {args.output}" + (f"; dropped {dropped} records" if args.drop else ""))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
