@@ -34,7 +34,7 @@ d3rlpy.seed(args.seed)
 with np.load(args.dataset) as file:
     env_id = json.loads(str(file["metadata"]))["env_id"]
     dataset = d3rlpy.dataset.MDPDataset(file["observations"], file["actions"], file["rewards"], file["terminations"],
-                                        timeouts=file["truncations"])
+                                        timeouts=file["truncations"] & ~file["terminations"])
 scaler = d3rlpy.preprocessing.StandardObservationScaler()
 if args.algo == "TD3PlusBC":
     config = d3rlpy.algos.TD3PlusBCConfig(

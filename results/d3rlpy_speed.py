@@ -34,7 +34,7 @@ with np.load(args.dataset) as file:
     discrete = file["actions"].ndim == 1
     dataset = d3rlpy.dataset.MDPDataset(
         file["observations"], file["actions"].reshape(len(file["actions"]), -1), file["rewards"], file["terminations"],
-        timeouts=file["truncations"],
+        timeouts=file["truncations"] & ~file["terminations"],  # d3rlpy refuses a step both; it terminated
         action_space=d3rlpy.constants.ActionSpace.DISCRETE if discrete else d3rlpy.constants.ActionSpace.CONTINUOUS,
         action_size=int(file["actions"].max()) + 1 if discrete else None,
     )
