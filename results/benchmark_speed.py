@@ -116,7 +116,7 @@ CASES = [
     Case("IQL, defaults = paper (256-256, batch 256, twin critics, a value network)", "algorithms/iql.py", [], HOPPER,
          "IQL", {"hidden": [256, 256], "batch_size": 256, "expectile": 0.7, "beta": 3.0, "max_weight": 100.0},
          1500, 2.0),
-    Case("BC, defaults on Box actions (256-256, batch 256, Gaussian log-likelihood)", "algorithms/bc.py", [], HOPPER,
+    Case("BC, defaults on Box actions (256-256, batch 256, squared error)", "algorithms/bc.py", [], HOPPER,
          "BC", {"hidden": [256, 256], "batch_size": 256, "learning_rate": 1e-3}, 3000, 1.0),
 ]
 FLOP_TARGET = 0.6  # share of the fp32 limit aimed at for the two compute-bound continuous updates

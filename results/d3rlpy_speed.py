@@ -69,10 +69,10 @@ elif args.algo == "TD3PlusBC":
         target_smoothing_sigma=settings["policy_noise"], target_smoothing_clip=settings["noise_clip"],
         update_actor_interval=settings["policy_freq"])
 elif args.algo == "BC":
-    # "stochastic": a Gaussian policy fitted by its log-likelihood, as bc.py's default --box-loss gaussian.
+    # "deterministic": a tanh policy fitted by the squared error, as bc.py's default --box-loss mse.
     config = d3rlpy.algos.BCConfig(
         batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]),
-        learning_rate=settings["learning_rate"], policy_type="stochastic")
+        learning_rate=settings["learning_rate"], policy_type="deterministic")
 elif args.algo == "IQL":
     config = d3rlpy.algos.IQLConfig(
         batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),
