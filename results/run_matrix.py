@@ -382,6 +382,7 @@ def main(args: Args) -> None:
     try:
         while todo or running:
             while todo and len(running) < args.jobs:
+                todo = [run for run in todo if not run.done]  # a record may have come in meanwhile (check_reuse)
                 finished = [run for run in all_runs() if run.done]
                 fitting = [run for run in todo if deadline is None
                            or time.time() + 60 * expected_minutes(run, finished) < deadline]
@@ -393,7 +394,8 @@ def main(args: Args) -> None:
                 print(f"[{time.strftime('%H:%M')}] start {run.key} (about {expected_minutes(run, finished):.0f} min)",
                       flush=True)
             if not running:
-                print(f"{len(todo)} runs left that would not end within --stop-within")
+                if todo:
+                    print(f"{len(todo)} runs left that would not end within --stop-within")
                 break
             time.sleep(2)
             for run, (process, started) in list(running.items()):

@@ -279,3 +279,31 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
     for name in ("performance_profiles.png", "compute.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 10_000
         assert f"(figs/{name})" in text
+
+
+def load_check_reuse():
+    """results/check_reuse.py as a module (it imports run_matrix from its own folder)."""
+    spec = importlib.util.spec_from_file_location("check_reuse", ROOT / "results" / "check_reuse.py")
+    check_reuse = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_reuse)
+    return check_reuse
+
+
+def test_reuse_check_compares_the_numbers_an_earlier_version_logged():
+    same = load_check_reuse().same_evaluations
+    before = [{"step": 150, "mean_return": -490.3, "q_initial": 1.5, "wall_time_s": 4.0}]
+    # Fields added since (the per-episode returns) and another machine's wall time are not changed numbers.
+    assert same(before, [{"step": 150, "mean_return": -490.3, "q_initial": 1.5, "returns": [-400.1, -580.5],
+                          "wall_time_s": 9.0}])
+    assert not same(before, [{"step": 150, "mean_return": -490.2, "q_initial": 1.5}])  # a changed number
+    assert not same(before, [{"step": 150, "mean_return": -490.3}])  # a field no longer logged
+    assert not same(before, before * 2)  # another number of evaluations
+
+
+def test_reuse_check_finds_the_committed_script_computes_what_the_working_tree_does(cartpole_dataset):
+    """A seeded short run of algorithms/bc.py at HEAD and in the working tree: the same evaluations and tensors."""
+    check_reuse = load_check_reuse()
+    command = ["python", "algorithms/bc.py", "--dataset", str(cartpole_dataset), "--seed", "1", "--threads", "1"]
+    same, how = check_reuse.same_numbers("algorithms/bc.py", "HEAD", command)
+    assert same, how
+    assert how.startswith("2 evaluations and ")
