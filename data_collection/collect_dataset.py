@@ -374,6 +374,17 @@ class Agent:
             raise DatasetError(
                 f"could not load {zip_path} as a {source.algo} agent: {type(error).__name__}: {error}"
             ) from None
+        # The agent acts in float64 and its action is rounded to the env's dtype. In float32 the order in which a
+        # matmul sums depends on the CPU's vector units, and one flipped argmax or one changed bit of a MuJoCo
+        # action changes every later step: the same command built other datasets on other machines. In float64
+        # those differences stay far below float32's rounding, so every machine rounds to the same action.
+        import torch
+
+        self.model.policy.double()
+        for module in self.model.policy.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(lambda _, inputs: tuple(x.double() for x in inputs))
+        self.action_dtype = env.action_space.dtype
         self.normalizer = None
         if normalizer_path is not None:
             with open(normalizer_path, "rb") as file:
@@ -387,7 +398,7 @@ class Agent:
         if self.normalizer is not None:
             observations = self.normalizer.normalize_obs(observations)
         actions, _ = self.model.predict(observations, deterministic=True)
-        return actions
+        return actions.astype(self.action_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- policies

@@ -135,6 +135,20 @@ def test_same_seed_same_file(hub_cache, tmp_path, cartpole_expert):
     assert metadata["reference_returns"] == first_metadata["reference_returns"]
 
 
+def test_same_file_whatever_code_path_the_matrix_products_take(hub_cache, tmp_path, pendulum_expert):
+    """MKL_CBWR=COMPATIBLE makes MKL sum its products in another order, as another CPU does: the file is the same."""
+    output = tmp_path / "compatible.npz"
+    args = ["--output", output, "--reference-episodes", 2, "--env-id", "Pendulum-v1", "--algo", "ppo",
+            "--num-transitions", 900, "--num-envs", 3, "--seed", 7]
+    result = run_script(COLLECTOR, args, dict(offline_env(hub_cache), MKL_CBWR="COMPATIBLE"))
+    assert result.returncode == 0, result.stderr
+    again, metadata = load_npz(output)
+    arrays, first_metadata = pendulum_expert
+    for key in ARRAY_KEYS:
+        np.testing.assert_array_equal(again[key], arrays[key])
+    assert metadata["reference_returns"] == first_metadata["reference_returns"]
+
+
 def test_noisy_discrete_takes_random_actions_at_the_given_rate(agents, hub_cache, tmp_path):
     arrays, metadata = collect(hub_cache, tmp_path / "noisy.npz", "--env-id", "CartPole-v1", "--policy", "noisy",
                                "--algo", "ppo", "--num-transitions", 4000, "--random-action-prob", 0.5)
