@@ -12,13 +12,14 @@ of one CPU that starts the same command on the node Ray places it on; the nodes 
 same path (a shared file system), since the records are written there. A finished run leaves, in
 results/matrix/<env>__<dataset>__<label>__<seed>/ (committed):
   summary.json  the script's own summary (final returns, evaluations with q_initial, wall time, ...)
-  run.json      git commit, command line, wall time, start and end, machine
+  run.json      git commit, command line, the dataset's fingerprint, wall time, start, machine
   scalars.csv   the TensorBoard scalars (losses, diagnostics, SPS), at most --max-points points per tag
 and results/matrix/datasets.md describes the datasets (data_collection/describe_datasets.py). The full run
 folder (TensorBoard events, model) moves to results/matrix/runs/ and the script's output to
 results/matrix/logs/ (both git-ignored). A run counts as done when its run.json exists, so a run killed
 half-way (the machine stopping, Ctrl-C) goes on from its last checkpoint next time (the script's --resume), as long
-as its script is unchanged since it started; finished runs are skipped.
+as its script is unchanged since it started; finished runs are skipped. A dataset that is not the file its
+finished runs were trained on (by the fingerprint in their run.json) is refused, so that a cell never mixes data.
 
 The datasets must exist (datasets/<env>/<dataset>.npz); the commands that build them are printed when one
 is missing, and listed in results/README.md. Bad input (a flag, a missing dataset, uncommitted changes in
@@ -27,6 +28,7 @@ algorithms/) stops it before any run starts, with exit status 2.
 
 import csv
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -42,6 +44,7 @@ from pathlib import Path
 from statistics import median
 from typing import Literal, NoReturn, Optional
 
+import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -174,6 +177,32 @@ def git_state() -> tuple[str, bool]:
     return commit.strip(), bool(dirty.strip())
 
 
+def dataset_fingerprint(path: Path) -> str:
+    """sha256 of a dataset's arrays and reference returns, the data a run learns and is scored on (its collection
+    time and command line left out): two builds with the same fingerprint hold the same data."""
+    digest = hashlib.sha256()
+    with np.load(path, allow_pickle=False) as file:
+        for key in sorted(key for key in file.files if key != "metadata"):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(file[key]).tobytes())
+        digest.update(json.dumps(json.loads(str(file["metadata"]))["reference_returns"], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def check_datasets(todo: list[Run]) -> dict[str, str]:
+    """The fingerprint of each dataset the runs to do use, after checking it against the finished runs on it."""
+    fingerprints = {}
+    for path in dict.fromkeys(run.dataset_path for run in todo):
+        fingerprints[path] = dataset_fingerprint(ROOT / path)
+        used = {json.loads((run.record_dir / "run.json").read_text()).get("dataset_sha256") for run in all_runs()
+                if run.done and run.dataset_path == path} - {None}
+        if used - {fingerprints[path]}:
+            fail(f"{path} is not the file that the finished runs on it were trained on (sha256 "
+                 f"{fingerprints[path][:12]}, theirs {', '.join(sorted(sha[:12] for sha in used))}): build that file "
+                 "again, or move their records out of results/matrix/ to run them all on this one")
+    return fingerprints
+
+
 def expected_minutes(run: Run, finished: list[Run]) -> float:
     """Median wall time of finished runs of the same algorithm and env, else the algorithm's estimate."""
     times = [json.loads((other.record_dir / "run.json").read_text())["wall_time_s"] / 60 for other in finished
@@ -294,7 +323,7 @@ class RayRun:
         return self.poll()
 
 
-def finish(run: Run, returncode: int, started: float, commit: str, max_points: int) -> str:
+def finish(run: Run, returncode: int, started: float, commit: str, dataset_sha256: str, max_points: int) -> str:
     wall_time = time.time() - started
     log_path = MATRIX_DIR / "logs" / f"{run.key}.log"
     output = log_path.read_text()
@@ -319,7 +348,7 @@ def finish(run: Run, returncode: int, started: float, commit: str, max_points: i
     shutil.move(str(run_dir), kept_dir)
     record = {
         "key": run.key, "env_id": run.env.env_id, "dataset": run.dataset, "algorithm": run.algorithm.label,
-        "seed": run.seed, "command": shlex.join(run.command), "commit": commit,
+        "seed": run.seed, "command": shlex.join(run.command), "commit": commit, "dataset_sha256": dataset_sha256,
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(wall_time, 1), "run_folder": str(kept_dir.relative_to(ROOT)),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": 1,
@@ -375,6 +404,7 @@ def main(args: Args) -> None:
 
     deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
     todo = [run for run in runs if not run.done]
+    fingerprints = check_datasets(todo)
     print(f"{len(runs) - len(todo)} of {len(runs)} runs done; {len(todo)} to run, {args.jobs} at a time")
     if args.backend == "ray" and todo:
         connect_to_ray(args.address)
@@ -401,7 +431,8 @@ def main(args: Args) -> None:
             for run, (process, started) in list(running.items()):
                 if process.poll() is not None:
                     del running[run]
-                    outcome = finish(run, process.returncode, started, commit, args.max_points)
+                    outcome = finish(run, process.returncode, started, commit, fingerprints[run.dataset_path],
+                                     args.max_points)
                     print(f"[{time.strftime('%H:%M')}] done  {run.key}: {outcome}", flush=True)
     except KeyboardInterrupt:
         print("stopping: each run writes its checkpoint, and the next start goes on from there", flush=True)

@@ -190,19 +190,14 @@ def test_benchmark_takes_the_hub_cache_from_the_hugging_face_variables(tmp_path)
         assert Path(result.stdout.strip()) == expected
 
 
-def test_matrix_runs_as_ray_tasks_and_writes_the_same_records(cartpole_dataset, tmp_path, monkeypatch, capsys):
-    """--backend ray on a Ray instance started for the test: a tiny matrix of two BC runs, each a Ray task,
-    leaves the records a local run leaves (summary.json, run.json, scalars.csv), and a second start skips them."""
+def tiny_matrix(run_matrix, root: Path, dataset: Path, monkeypatch) -> None:
+    """A git checkout at root holding bc.py and one CartPole dataset, and a matrix of 200-step BC runs on it."""
     import shutil
 
-    import ray
-
-    run_matrix = load_run_matrix()
-    root = tmp_path / "repo"
     (root / "algorithms").mkdir(parents=True)
     shutil.copy(ROOT / "algorithms" / "bc.py", root / "algorithms" / "bc.py")
     (root / "datasets" / "CartPole-v1").mkdir(parents=True)
-    shutil.copy(cartpole_dataset, root / "datasets" / "CartPole-v1" / "scripted.npz")
+    shutil.copy(dataset, root / "datasets" / "CartPole-v1" / "scripted.npz")
     for command in (["init", "-q"], ["add", "algorithms"], ["commit", "-qm", "bc"]):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *command], cwd=root, check=True)
     tiny = run_matrix.Algorithm("BC", "algorithms/bc.py", ("--total-steps", "200", "--eval-freq", "100",
@@ -210,22 +205,65 @@ def test_matrix_runs_as_ray_tasks_and_writes_the_same_records(cartpole_dataset, 
     monkeypatch.setattr(run_matrix, "ROOT", root)
     monkeypatch.setattr(run_matrix, "MATRIX_DIR", root / "results" / "matrix")
     monkeypatch.setattr(run_matrix, "MATRIX", (run_matrix.EnvRows("CartPole-v1", ("scripted",), (tiny,)),))
+
+
+def test_matrix_runs_as_ray_tasks_and_writes_the_same_records(cartpole_dataset, tmp_path, monkeypatch, capsys):
+    """--backend ray on a Ray instance started for the test: a tiny matrix of two BC runs, each a Ray task,
+    leaves the records a local run leaves (summary.json, run.json, scalars.csv), and a second start skips them."""
+    import ray
+
+    run_matrix = load_run_matrix()
+    root = tmp_path / "repo"
+    tiny_matrix(run_matrix, root, cartpole_dataset, monkeypatch)
     monkeypatch.setattr(run_matrix, "SEEDS", (1, 2))
     try:
         run_matrix.main(run_matrix.Args(backend="ray", jobs=2))
     finally:
         ray.shutdown()
     assert "CPUs in the cluster, one per run" in capsys.readouterr().out
+    fingerprint = run_matrix.dataset_fingerprint(root / "datasets" / "CartPole-v1" / "scripted.npz")
     for seed in (1, 2):
         record = root / "results" / "matrix" / f"CartPole-v1__scripted__BC__{seed}"
         summary = json.loads((record / "summary.json").read_text())
         run = json.loads((record / "run.json").read_text())
         assert summary["steps_done"] == 200 and summary["args"]["seed"] == seed
         assert run["command"].startswith("python algorithms/bc.py --dataset datasets/CartPole-v1/scripted.npz")
+        assert run["dataset_sha256"] == fingerprint
         with (record / "scalars.csv").open() as file:
             assert "eval/episodic_return" in {row["tag"] for row in csv.DictReader(file)}
     run_matrix.main(run_matrix.Args(backend="ray", jobs=2))  # all done: it starts nothing, and needs no Ray
     assert "0 to run" in capsys.readouterr().out
+
+
+def test_matrix_refuses_a_dataset_other_than_its_finished_runs_used(cartpole_dataset, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A dataset built again into other data (another machine, another version) would mix two datasets in one
+    cell: the runner refuses it with one line and exit 2; the metadata's collection time is no change."""
+    import pytest
+
+    from conftest import cartpole_controller, write_scripted_dataset
+    from dataset_io import load_dataset, save_dataset
+
+    run_matrix = load_run_matrix()
+    root = tmp_path / "repo"
+    tiny_matrix(run_matrix, root, cartpole_dataset, monkeypatch)
+    monkeypatch.setattr(run_matrix, "SEEDS", (1,))
+    run_matrix.main(run_matrix.Args(jobs=1))
+    dataset = root / "datasets" / "CartPole-v1" / "scripted.npz"
+    first = run_matrix.dataset_fingerprint(dataset)
+    arrays, metadata = load_dataset(dataset)
+    save_dataset(dataset, arrays, {**metadata, "collection_seconds": 1.0}, overwrite=True)
+    assert run_matrix.dataset_fingerprint(dataset) == first
+    write_scripted_dataset(dataset, "CartPole-v1", cartpole_controller, random_action_prob=0.2, num_transitions=5000)
+    monkeypatch.setattr(run_matrix, "SEEDS", (1, 2))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_matrix.main(run_matrix.Args(jobs=1))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: datasets/CartPole-v1/scripted.npz is not the file that the finished runs on it")
+    assert first[:12] in error and error.count("\n") == 1
+    assert not (root / "results" / "matrix" / "CartPole-v1__scripted__BC__2").exists()
 
 
 def write_hopper_runs(matrix: Path) -> None:
