@@ -2,6 +2,7 @@
 
     .venv/bin/python results/run_matrix.py --list                 # the runs, and which are done
     .venv/bin/python results/run_matrix.py --jobs 2               # run what is not done, 2 at a time
+    HF_HUB_OFFLINE=1 HF_HUB_CACHE=<cache> .venv/bin/python results/run_matrix.py --build-datasets   # a fresh clone
     .venv/bin/python results/run_matrix.py --only LunarLander-v3 --stop-within 150
     .venv/bin/python results/run_matrix.py --backend ray --address auto --jobs 32   # on a Ray cluster
     .venv/bin/python results/make_report.py                       # tables and plots from what is done
@@ -21,9 +22,10 @@ half-way (the machine stopping, Ctrl-C) goes on from its last checkpoint next ti
 as its script is unchanged since it started; finished runs are skipped. A dataset that is not the file its
 finished runs were trained on (by the fingerprint in their run.json) is refused, so that a cell never mixes data.
 
-The datasets must exist (datasets/<env>/<dataset>.npz); the commands that build them are printed when one
-is missing, and listed in results/README.md. Bad input (a flag, a missing dataset, uncommitted changes in
-algorithms/) stops it before any run starts, with exit status 2.
+The datasets must exist (datasets/<env>/<dataset>.npz): --build-datasets builds those that are missing (the
+collector gives the same file on any machine), otherwise the commands that build them are printed. Bad input
+(a flag, a missing dataset, uncommitted changes in algorithms/) stops it before any run starts, with exit
+status 2.
 """
 
 import csv
@@ -73,6 +75,8 @@ DATASET_COMMANDS = {
     ("BipedalWalker-v3", "noisy"): f"{COLLECT} --env-id BipedalWalker-v3 --policy noisy",
     ("BipedalWalker-v3", "expert"): f"{COLLECT} --env-id BipedalWalker-v3 --policy expert",
 }
+DATASET_INPUTS = {("Hopper-v5", "medium-expert"): (("Hopper-v5", "medium"), ("Hopper-v5", "expert"))}
+"""the datasets a dataset's command reads"""
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,9 @@ class Args:
     """print the runs, done or not, with their commands, and exit"""
     allow_dirty: bool = False
     """run even when algorithms/ has uncommitted changes (the commit recorded would not be the code that ran)"""
+    build_datasets: bool = False
+    """build the missing datasets of the runs to do first (the Hub agents must be reachable, or cached with
+    HF_HUB_OFFLINE=1 HF_HUB_CACHE=<folder>)"""
     max_points: int = 200
     """most points kept per TensorBoard tag in scalars.csv (evenly spaced)"""
     backend: Literal["local", "ray"] = "local"
@@ -175,6 +182,24 @@ def git_state() -> tuple[str, bool]:
     dirty = subprocess.run(["git", "status", "--porcelain", "algorithms"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout
     return commit.strip(), bool(dirty.strip())
+
+
+def build_datasets(missing: list[tuple[str, str]]) -> None:
+    """Build each missing dataset with its command of DATASET_COMMANDS, the datasets it reads first."""
+    order = list(DATASET_COMMANDS)
+    needed, queue = set(), list(missing)
+    while queue:
+        pair = queue.pop()
+        if pair not in needed and not (ROOT / "datasets" / pair[0] / f"{pair[1]}.npz").exists():
+            needed.add(pair)
+            queue += DATASET_INPUTS.get(pair, ())
+    for pair in sorted(needed, key=order.index):
+        command = shlex.split(DATASET_COMMANDS[pair])
+        print(f"[{time.strftime('%H:%M')}] build {'/'.join(pair)}: {shlex.join(command)}", flush=True)
+        result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}").splitlines()
+            fail(f"building {'/'.join(pair)} failed: {lines[-1]}")
 
 
 def dataset_fingerprint(path: Path) -> str:
@@ -392,15 +417,18 @@ def main(args: Args) -> None:
             print(f"{'done' if run.done else 'todo'}  {run.key:55s} {shlex.join(run.command)}")
         print(f"{sum(run.done for run in runs)} of {len(runs)} done")
         return
-    missing = sorted({(run.env.env_id, run.dataset) for run in runs if not run.done
-                      and not (ROOT / run.dataset_path).exists()})
-    if missing:
-        fail("missing datasets; build them from the repository root with:\n"
-             + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing))
     commit, dirty = git_state()
     if dirty and not args.allow_dirty:
         fail("algorithms/ has uncommitted changes, so run.json's commit would not be the code that ran: "
              "commit them first (or pass --allow-dirty for a trial).")
+    missing = sorted({(run.env.env_id, run.dataset) for run in runs if not run.done
+                      and not (ROOT / run.dataset_path).exists()})
+    if missing and args.build_datasets:
+        build_datasets(missing)
+        describe_datasets(all_runs())
+    elif missing:
+        fail("missing datasets; build them with --build-datasets, or from the repository root with:\n"
+             + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing))
 
     deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
     todo = [run for run in runs if not run.done]

@@ -345,3 +345,42 @@ def test_reuse_check_finds_the_committed_script_computes_what_the_working_tree_d
     same, how = check_reuse.same_numbers("algorithms/bc.py", "HEAD", command)
     assert same, how
     assert how.startswith("2 evaluations and ")
+
+
+def test_matrix_builds_the_missing_datasets_with_their_commands(cartpole_dataset, tmp_path, monkeypatch, capsys):
+    """--build-datasets runs each missing dataset's command from the repository root, the datasets a mix reads
+    first; without it the runner names the flag and stops with exit 2."""
+    import shutil
+
+    import pytest
+
+    from dataset_io import load_dataset
+
+    run_matrix = load_run_matrix()
+    root = tmp_path / "repo"
+    tiny_matrix(run_matrix, root, cartpole_dataset, monkeypatch)
+    shutil.copytree(ROOT / "data_collection", root / "data_collection", ignore=shutil.ignore_patterns("__pycache__"))
+    collect = "python data_collection/collect_dataset.py --env-id CartPole-v1 --policy random --num-transitions 600 " \
+              "--reference-episodes 2"
+    monkeypatch.setattr(run_matrix, "DATASET_COMMANDS", {
+        ("CartPole-v1", "random"): collect,
+        ("CartPole-v1", "random1"): f"{collect} --seed 1 --output datasets/CartPole-v1/random1.npz",
+        ("CartPole-v1", "mix"): "python data_collection/mix_datasets.py datasets/CartPole-v1/random.npz "
+                                "datasets/CartPole-v1/random1.npz --output datasets/CartPole-v1/mix.npz",
+    })
+    monkeypatch.setattr(run_matrix, "DATASET_INPUTS", {
+        ("CartPole-v1", "mix"): (("CartPole-v1", "random"), ("CartPole-v1", "random1"))})
+    tiny = run_matrix.MATRIX[0].algorithms
+    monkeypatch.setattr(run_matrix, "MATRIX", (run_matrix.EnvRows("CartPole-v1", ("mix",), tiny),))
+    monkeypatch.setattr(run_matrix, "SEEDS", (1,))
+    with pytest.raises(SystemExit) as exit_info:
+        run_matrix.main(run_matrix.Args(jobs=1))
+    assert exit_info.value.code == 2 and "--build-datasets" in capsys.readouterr().err
+    run_matrix.main(run_matrix.Args(jobs=1, build_datasets=True))
+    out = capsys.readouterr().out
+    assert out.index("build CartPole-v1/random:") < out.index("build CartPole-v1/random1:") \
+        < out.index("build CartPole-v1/mix:")
+    arrays, _ = load_dataset(root / "datasets" / "CartPole-v1" / "mix.npz")
+    assert len(arrays["rewards"]) == 1200
+    assert (root / "results" / "matrix" / "CartPole-v1__mix__BC__1" / "run.json").exists()
+    assert "`mix.npz`" in (root / "results" / "matrix" / "datasets.md").read_text()
