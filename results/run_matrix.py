@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -184,22 +185,29 @@ def git_state() -> tuple[str, bool]:
     return commit.strip(), bool(dirty.strip())
 
 
-def build_datasets(missing: list[tuple[str, str]]) -> None:
-    """Build each missing dataset with its command of DATASET_COMMANDS, the datasets it reads first."""
-    order = list(DATASET_COMMANDS)
+def build_datasets(missing: list[tuple[str, str]], jobs: int) -> None:
+    """Build each missing dataset with its command of DATASET_COMMANDS, `jobs` at a time: first the datasets
+    collected from an env, then those made from others (a mix)."""
     needed, queue = set(), list(missing)
     while queue:
         pair = queue.pop()
         if pair not in needed and not (ROOT / "datasets" / pair[0] / f"{pair[1]}.npz").exists():
             needed.add(pair)
             queue += DATASET_INPUTS.get(pair, ())
-    for pair in sorted(needed, key=order.index):
+
+    def build(pair: tuple[str, str]) -> None:
         command = shlex.split(DATASET_COMMANDS[pair])
         print(f"[{time.strftime('%H:%M')}] build {'/'.join(pair)}: {shlex.join(command)}", flush=True)
         result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:
             lines = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}").splitlines()
             fail(f"building {'/'.join(pair)} failed: {lines[-1]}")
+
+    order = list(DATASET_COMMANDS)
+    for derived in (False, True):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(build, sorted((pair for pair in needed if (pair in DATASET_INPUTS) == derived),
+                                        key=order.index)))
 
 
 def dataset_fingerprint(path: Path) -> str:
@@ -424,7 +432,7 @@ def main(args: Args) -> None:
     missing = sorted({(run.env.env_id, run.dataset) for run in runs if not run.done
                       and not (ROOT / run.dataset_path).exists()})
     if missing and args.build_datasets:
-        build_datasets(missing)
+        build_datasets(missing, args.jobs)
         describe_datasets(all_runs())
     elif missing:
         fail("missing datasets; build them with --build-datasets, or from the repository root with:\n"

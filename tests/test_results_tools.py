@@ -384,3 +384,12 @@ def test_matrix_builds_the_missing_datasets_with_their_commands(cartpole_dataset
     assert len(arrays["rewards"]) == 1200
     assert (root / "results" / "matrix" / "CartPole-v1__mix__BC__1" / "run.json").exists()
     assert "`mix.npz`" in (root / "results" / "matrix" / "datasets.md").read_text()
+
+    run_matrix.DATASET_COMMANDS[("CartPole-v1", "other")] = f"{collect} --env-id NoSuchEnv-v0"
+    monkeypatch.setattr(run_matrix, "MATRIX", (run_matrix.EnvRows("CartPole-v1", ("other",), tiny),))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_matrix.main(run_matrix.Args(jobs=2, build_datasets=True))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("error: building CartPole-v1/other failed: ")
+    assert "NoSuchEnv-v0" in error and error.count("\n") == 1
