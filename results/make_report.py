@@ -370,8 +370,11 @@ def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
     lines += rliable_report(runs, figures, readme_dir)
     compute = figures / "compute.png"
     if plot_compute(runs, compute):
+        cpus = sorted({run["machine"]["cpu"] for (env_id, dataset, _), seeds in runs.items()
+                       if (env_id, dataset) in COMPUTE_PANELS for run in seeds})
         lines += ["### What compute buys", "", "Normalised score against wall-clock minutes on one core (training "
-                  "and evaluation, the mean over seeds at each evaluation):", "",
+                  "and evaluation, the mean over seeds at each evaluation), on "
+                  f"{' and '.join(cpus)} (a faster CPU moves a line to the left):", "",
                   f"![compute]({compute.relative_to(readme_dir)})", ""]
     lines += claims(runs)
     datasets = matrix / "datasets.md"

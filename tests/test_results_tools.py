@@ -314,6 +314,7 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
             in text)
     assert "| the best offline method beats BC on BipedalWalker-v3 noisy | not every seed has run | – |" in text
     assert "population std" in text
+    assert "evaluation), on Test CPU (a faster CPU moves a line to the left)" in text
     for name in ("performance_profiles.png", "compute.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 10_000
         assert f"(figs/{name})" in text
