@@ -418,6 +418,7 @@ def main(args: Args) -> None:
         fail("--jobs and --max-points must be at least 1")
     if args.address is not None and args.backend != "ray":
         fail("--address names a Ray cluster: give it with --backend ray")
+    deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
     runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
     describe_datasets(all_runs())
     if args.list:
@@ -438,7 +439,6 @@ def main(args: Args) -> None:
         fail("missing datasets; build them with --build-datasets, or from the repository root with:\n"
              + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing))
 
-    deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
     todo = [run for run in runs if not run.done]
     fingerprints = check_datasets(todo)
     print(f"{len(runs) - len(todo)} of {len(runs)} runs done; {len(todo)} to run, {args.jobs} at a time")
