@@ -23,7 +23,7 @@ as its script is unchanged since it started; finished runs are skipped. A datase
 finished runs were trained on (by the fingerprint in their run.json) is refused, so that a cell never mixes data.
 
 The datasets must exist (datasets/<env>/<dataset>.npz): --build-datasets builds those that are missing (the
-collector gives the same file on any machine), otherwise the commands that build them are printed. Bad input
+collector gives the same file on another CPU), otherwise the commands that build them are printed. Bad input
 (a flag, a missing dataset, uncommitted changes in algorithms/) stops it before any run starts, with exit
 status 2.
 """
