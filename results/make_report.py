@@ -16,7 +16,8 @@ Reads results/matrix/*/summary.json and run.json (committed, so no dataset or ru
     (results/figures/performance_profiles.png);
   - draws results/figures/compute.png: normalised score against wall-clock minutes on one core, per algorithm,
     on Hopper medium-expert and BipedalWalker noisy, from the times of each run's own evaluations;
-  - checks the claims of the README against the numbers, each marked holds or fails.
+  - checks the claims of the README against the numbers, each marked holds or fails;
+  - checks each default step count against its own curves: does the score still climb when the run stops?
 The text around the markers (the reading of the numbers) is written by hand.
 """
 
@@ -350,6 +351,32 @@ def claims(runs) -> list[str]:
     return [*lines, ""]
 
 
+def still_climbing(records: list[dict]) -> tuple[float, bool]:
+    """The mean over seeds of (last fifth of the evaluations - the fifth before) of the normalised score, and
+    whether it climbs: a gain above 1 point and above twice its standard error over seeds."""
+    _, scores = seed_curves(records, "normalized_score")
+    fifth = max(1, scores.shape[1] // 5)
+    gains = scores[:, -fifth:].mean(axis=1) - scores[:, -2 * fifth:-fifth].mean(axis=1)
+    error = gains.std(ddof=1) / np.sqrt(len(gains)) if len(gains) > 1 else np.inf
+    return gains.mean(), gains.mean() > max(1.0, 2 * error)
+
+
+def step_table(runs, env) -> list[str]:
+    labels = [algorithm.label for algorithm in env.algorithms]
+    lines = [f"| dataset | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
+    for dataset in env.datasets:
+        cells = []
+        for label in labels:
+            records = runs.get((env.env_id, dataset, label), [])
+            if len(records) < 2 or len(seed_curves(records, "normalized_score")[0]) < 2:
+                cells.append("–")
+                continue
+            gain, climbing = still_climbing(records)
+            cells.append(f"**{gain:+.1f} climbing**" if climbing else f"{gain:+.1f}")
+        lines.append(f"| {dataset} | {' | '.join(cells)} |")
+    return lines
+
+
 def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
     behaviour = dataset_scores(matrix)
     lines = []
@@ -366,7 +393,10 @@ def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
         overestimation = figures / f"overestimation_{env.env_id}.png"
         if plot_overestimation(runs, env, overestimation):
             lines += [f"![overestimation]({overestimation.relative_to(readme_dir)})", ""]
-        lines += ["Cost and commands:", "", *cost_table(runs, env), ""]
+        lines += ["Does the default step count stop too early? The change of the normalised score (mean over seeds) "
+                  "from the second-last fifth of the evaluations to the last; **climbing** where the gain is above "
+                  "1 point and above twice its standard error over seeds:", "", *step_table(runs, env), "",
+                  "Cost and commands:", "", *cost_table(runs, env), ""]
     lines += rliable_report(runs, figures, readme_dir)
     compute = figures / "compute.png"
     if plot_compute(runs, compute):

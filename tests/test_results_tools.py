@@ -71,6 +71,7 @@ def test_report_tables_and_plots(tmp_path):
            "--threads 1` " \
            "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text
     assert "| 10,000 | 2.0 (1 run) | 100 |" in text  # DQN's single run has no range
+    assert "| expert | +0.0 | – | – | – | – |" in text  # CQL's flat curves do not climb; one seed of DQN is no check
     assert "| `expert.npz` | LunarLander-v3 | expert |" in text
     assert "3 runs finished, 0.1 hours" in text and "Test CPU, 2 cores" in text and "0123456" in text
     for name in ("learning_curves_LunarLander-v3.png", "overestimation_LunarLander-v3.png"):
@@ -310,6 +311,10 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
     assert ("| SAC over-estimates and collapses (ends below half its peak) on Hopper-v5 medium | Q(s0) 5000.0 vs "
             "real 100.0; the score peaks at 40.0, ends at 8.0" in text)
     assert "**fails**" not in text
+    # still climbing at the end: the gain from the first evaluation to the last is half the final score, the same
+    # for every seed but for the seed's own point (columns CQL, BCQ, TD3+BC, IQL, SAC, BC); SAC falls
+    assert ("| random | **+31.0 climbing** | – | **+41.0 climbing** | – | -33.0 | **+26.0 climbing** |"
+            in text)
     assert ("| the best offline method beats BC outside the 95% intervals on Hopper-v5 medium-expert | TD3+BC 85.0 ["
             in text)
     assert "| the best offline method beats BC on BipedalWalker-v3 noisy | not every seed has run | – |" in text
