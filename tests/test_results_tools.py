@@ -71,7 +71,8 @@ def test_report_tables_and_plots(tmp_path):
            "--threads 1` " \
            "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text
     assert "| 10,000 | 2.0 (1 run) | 100 |" in text  # DQN's single run has no range
-    assert "| expert | +0.0 | – | – | – | – |" in text  # CQL's flat curves do not climb; one seed of DQN is no check
+    # CQL's flat curves do not climb; one seed of DQN is no check
+    assert "| expert | +0.0 | – | – | – | – |" in text
     assert "| `expert.npz` | LunarLander-v3 | expert |" in text
     assert "3 runs finished, 0.1 hours" in text and "Test CPU, 2 cores" in text and "0123456" in text
     for name in ("learning_curves_LunarLander-v3.png", "overestimation_LunarLander-v3.png"):
