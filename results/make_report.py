@@ -351,28 +351,32 @@ def claims(runs) -> list[str]:
     return [*lines, ""]
 
 
-def still_climbing(records: list[dict]) -> tuple[float, bool]:
+def still_climbing(records: list[dict]) -> Optional[tuple[float, bool]]:
     """The mean over seeds of (last fifth of the evaluations - the fifth before) of the normalised score, and
-    whether it climbs: a gain above 1 point and above twice its standard error over seeds."""
+    whether it climbs: a gain above 1 point and above twice its standard error over seeds. None below 2 seeds or
+    2 evaluations, where there is no spread or no change to measure."""
     _, scores = seed_curves(records, "normalized_score")
+    if scores.shape[0] < 2 or scores.shape[1] < 2:
+        return None
     fifth = max(1, scores.shape[1] // 5)
     gains = scores[:, -fifth:].mean(axis=1) - scores[:, -2 * fifth:-fifth].mean(axis=1)
-    error = gains.std(ddof=1) / np.sqrt(len(gains)) if len(gains) > 1 else np.inf
+    error = gains.std(ddof=1) / np.sqrt(len(gains))
     return gains.mean(), gains.mean() > max(1.0, 2 * error)
 
 
 def step_table(runs, env) -> list[str]:
+    """Datasets by algorithms: the gain of still_climbing, in bold where the score still climbs."""
     labels = [algorithm.label for algorithm in env.algorithms]
     lines = [f"| dataset | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
     for dataset in env.datasets:
         cells = []
         for label in labels:
-            records = runs.get((env.env_id, dataset, label), [])
-            if len(records) < 2 or len(seed_curves(records, "normalized_score")[0]) < 2:
+            records = runs.get((env.env_id, dataset, label))
+            check = still_climbing(records) if records else None
+            if check is None:
                 cells.append("–")
-                continue
-            gain, climbing = still_climbing(records)
-            cells.append(f"**{gain:+.1f} climbing**" if climbing else f"{gain:+.1f}")
+            else:
+                cells.append(f"**{check[0]:+.1f} climbing**" if check[1] else f"{check[0]:+.1f}")
         lines.append(f"| {dataset} | {' | '.join(cells)} |")
     return lines
 
