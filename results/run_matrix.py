@@ -422,6 +422,8 @@ def main(args: Args) -> None:
     runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
     describe_datasets(all_runs())
     if args.list:
+        if hasattr(signal, "SIGPIPE"):  # not on Windows
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--list | head` ends quietly, as listing tools do
         for run in runs:
             print(f"{'done' if run.done else 'todo'}  {run.key:55s} {shlex.join(run.command)}")
         print(f"{sum(run.done for run in runs)} of {len(runs)} done")
