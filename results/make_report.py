@@ -335,13 +335,13 @@ def claims(runs, behaviour: dict) -> list[str]:
                     data = behaviour.get((env.env_id, dataset))
                     bars = [value for value in (bc, data) if value is not None]
                     holds = estimate > real and all(score < value for value in bars)
-                    text = (f"Q(s0) {estimate:.1f} vs real {real:.1f}; ends at {score:.1f}"
+                    text = (f"Q(s0) {estimate:.4g} vs real {real:.1f}; ends at {score:.1f}"
                             + (f", BC at {bc:.1f}" if bc is not None else "")
                             + (f", the data at {data:.1f}" if data is not None else ""))
                     claim = f"{label} over-estimates and ends below BC and the data on {env.env_id} {dataset}"
                 else:
                     holds = estimate < real
-                    text = f"Q(s0) {estimate:.1f} vs real {real:.1f}"
+                    text = f"Q(s0) {estimate:.4g} vs real {real:.1f}"
                     claim = f"CQL stays below its real return on {env.env_id} {dataset}"
                 lines.append(f"| {claim} | {text} (mean of {len(records)} seeds' last evaluation) | "
                              f"{'holds' if holds else '**fails**'} |")
