@@ -24,7 +24,6 @@ The text around the markers (the reading of the numbers) is written by hand.
 import json
 import re
 import sys
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,9 +206,13 @@ def plot_overestimation(runs, env, path: Path) -> bool:
     return True
 
 
-# rliable hands arch a RandomState, which arch has deprecated: the intervals are the same either way.
-warnings.filterwarnings("ignore", category=FutureWarning, module="arch")
 BOOTSTRAP_REPS = 50_000
+
+
+def seed_bootstrap() -> None:
+    """rliable's bootstraps resample with numpy's global generator (np.random.choice), whatever random_state they
+    are given: seeding it before each estimate makes a report the same every time it is made."""
+    np.random.seed(0)
 COMPUTE_PANELS = (("Hopper-v5", "medium-expert"), ("BipedalWalker-v3", "noisy"))
 
 
@@ -245,11 +248,12 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
         if not scores:
             continue
         aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
-        points, cis = rly.get_interval_estimates(scores, aggregate, reps=BOOTSTRAP_REPS,
-                                                 random_state=np.random.RandomState(0))
+        seed_bootstrap()
+        points, cis = rly.get_interval_estimates(scores, aggregate, reps=BOOTSTRAP_REPS)
         pairs = {label: (matrix, scores["BC"]) for label, matrix in scores.items() if label != "BC" and "BC" in scores}
+        seed_bootstrap()
         improvement, improvement_cis = rly.get_interval_estimates(pairs, metrics.probability_of_improvement,
-                                                                  reps=2_000, random_state=np.random.RandomState(0))
+                                                                  reps=2_000)
         for label in scores:
             against_bc = interval(improvement[label], improvement_cis[label][:, 0], 2) if label in pairs else "–"
             lines.append(f"| {env.env_id} | {label} | {interval(points[label][0], cis[label][:, 0])} | "
@@ -260,6 +264,7 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
     figure, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.4), squeeze=False)
     for axis, (env, scores) in zip(axes[0], profiles):
         taus = np.linspace(min(0.0, min(m.min() for m in scores.values())), max(m.max() for m in scores.values()), 81)
+        seed_bootstrap()
         distributions, bands = rly.create_performance_profile(scores, taus, reps=2_000)
         for label, distribution in distributions.items():
             axis.plot(taus, distribution, color=COLOURS.get(label), label=label)
@@ -354,8 +359,8 @@ def claims(runs, behaviour: dict) -> list[str]:
         if "BC" not in cells or len(cells) < 2:
             lines.append(f"| the best offline method beats BC on {env_id} {dataset} | not every seed has run | – |")
             continue
-        means, cis = rly.get_interval_estimates(cells, lambda x: np.array([x.mean()]), reps=BOOTSTRAP_REPS,
-                                                random_state=np.random.RandomState(0))
+        seed_bootstrap()
+        means, cis = rly.get_interval_estimates(cells, lambda x: np.array([x.mean()]), reps=BOOTSTRAP_REPS)
         best = max((label for label in cells if label != "BC"), key=lambda label: means[label][0])
         holds = cis[best][0, 0] > cis["BC"][1, 0]
         lines.append(f"| the best offline method beats BC outside the 95% intervals on {env_id} {dataset} | "
