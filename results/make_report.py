@@ -207,13 +207,13 @@ def plot_overestimation(runs, env, path: Path) -> bool:
 
 
 BOOTSTRAP_REPS = 50_000
+COMPUTE_PANELS = (("Hopper-v5", "medium-expert"), ("BipedalWalker-v3", "noisy"))
 
 
 def seed_bootstrap() -> None:
     """rliable's bootstraps resample with numpy's global generator (np.random.choice), whatever random_state they
     are given: seeding it before each estimate makes a report the same every time it is made."""
     np.random.seed(0)
-COMPUTE_PANELS = (("Hopper-v5", "medium-expert"), ("BipedalWalker-v3", "noisy"))
 
 
 def final_scores(runs, env, label: str) -> Optional[np.ndarray]:
@@ -348,7 +348,8 @@ def claims(runs, behaviour: dict) -> list[str]:
                     holds = estimate < real
                     text = f"Q(s0) {estimate:.4g} vs real {real:.1f}"
                     claim = f"CQL stays below its real return on {env.env_id} {dataset}"
-                lines.append(f"| {claim} | {text} (mean of {len(records)} seeds' last evaluation) | "
+                seeds = f"{len(records)} seeds'" if len(records) > 1 else "1 seed's"
+                lines.append(f"| {claim} | {text} (mean of {seeds} last evaluation) | "
                              f"{'holds' if holds else '**fails**'} |")
     for env_id, dataset in COMPUTE_PANELS:
         env = next(env for env in MATRIX if env.env_id == env_id)
