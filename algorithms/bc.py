@@ -18,9 +18,11 @@ eq. 21): log pi(a|s) = log N(u; mu, sigma) - sum_i log(1 - tanh(u_i)^2), u = ata
 
 Observations are standardised with the dataset's mean and std (kept in the saved model). Evaluation follows the
 other scripts: episodes with seeds seed * 1000 + i, batched in a vector env, and the logged
-diagnostics/discounted_return_initial, for comparison with their Q-values (BC has none to log).
+diagnostics/discounted_return_initial, for comparison with their Q-values (BC has none to log). The algorithm
+ends at the line "run bookkeeping"; what follows it is the same in every script of algorithms/.
 """
 
+import contextlib
 import copy
 import io
 import json
@@ -44,45 +46,20 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
+ACTION_KIND = "both"  # the action spaces this script learns: "discrete", "box" or "both"
+DATASET_KEYS = ("observations", "actions")  # no rewards: imitation needs the states and the actions only
+
 
 @dataclass
-class Args:
-    exp_name: str = Path(__file__).stem
-    """name of this experiment, used in the run folder's name"""
-    seed: int = 1
-    """seed of python, numpy and torch; evaluation episode i uses env seed seed * 1000 + i"""
-    torch_deterministic: bool = True
-    """set torch.backends.cudnn.deterministic"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    track: bool = False
-    """log to Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "offline-rl"
-    """the wandb project"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    capture_video: bool = False
-    """record the first evaluation episode of each evaluation to <run folder>/videos"""
-    save_model: bool = True
-    """save the policy's state_dict to <run folder>/<exp_name>.pt and its acting function to policy.pt2"""
+class AlgorithmArgs:
     dataset: str = "datasets/LunarLander-v3/expert.npz"
     """dataset file (.npz) made by data_collection/collect_dataset.py"""
-    env_id: Optional[str] = None
-    """env to evaluate on; None: the dataset's env_id"""
     total_steps: int = 50_000
     """number of gradient steps (CORL: 1M; 50k here, 2-4 minutes: later steps did not add, results/ablations.md)"""
     eval_freq: int = 5_000
     """evaluate every this many gradient steps (and after the last one)"""
-    eval_episodes: int = 10
-    """episodes per evaluation, run together in a vector env"""
-    threads: int = 1
-    """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
-    resume: Optional[str] = None
-    """run folder to continue from its last checkpoint, with the flags it was started with"""
-    clip_actions: bool = False
-    """clip dataset actions outside the env's bounds into them, instead of refusing the dataset"""
-
-    # behaviour cloning
+    save_model: bool = True
+    """save the policy's state_dict to <run folder>/<exp_name>.pt and its acting function to policy.pt2"""
     learning_rate: float = 1e-3
     """Adam learning rate"""
     batch_size: int = 256
@@ -96,119 +73,17 @@ class Args:
     agent's BipedalWalker data, results/ablations.md)"""
     gamma: float = 0.99
     """discount of the logged discounted return of the evaluation episodes (BC itself does not use it)"""
-    log_freq: int = 100
-    """gradient steps between loss logs"""
 
 
-def fail(message: str) -> NoReturn:
-    """Stop with one line on stderr and exit status 2, without a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def validate_args(args: Args) -> None:
-    """Refuse flags that cannot make a run, before anything is written."""
-    for name in ("total_steps", "eval_freq", "eval_episodes", "threads", "batch_size", "hidden_dim", "num_layers",
-                 "log_freq"):
+def check_flags(args: "Args") -> None:
+    """Refuse this algorithm's flags where they cannot make a run (the run bookkeeping checks the others)."""
+    for name in ("batch_size", "hidden_dim", "num_layers"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.seed < 0:
-        fail(f"--seed must be at least 0, got {args.seed}")
     if not 0.0 < args.learning_rate < math.inf:
         fail(f"--learning-rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.gamma <= 1.0:
         fail(f"--gamma must be in [0, 1], got {args.gamma}")
-
-
-# ------------------------------------------------------------------------------------------------- dataset
-def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Observations and actions as tensors on the device, so that a batch is one torch.randint and an index.
-    Whatever is wrong with the file stops the run here, with one line that names it."""
-    if not Path(path).is_file():
-        env_id = Path(path).parent.name or "LunarLander-v3"
-        policy = Path(path).stem
-        fail(f"dataset {path} does not exist. Build it with:  " + (
-            f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
-            if policy in ("expert", "noisy", "random") else "the commands in results/README.md"))
-    try:
-        with np.load(path, allow_pickle=False) as file:
-            arrays = {key: file[key] for key in file.files}
-        metadata = json.loads(str(arrays.pop("metadata")))
-    except Exception as error:  # numpy, zipfile, zlib and json each raise their own kind for a damaged file
-        text = str(error)
-        reason = ("an array holds Python objects" if "Object arrays" in text else "it is not a .npz file"
-                  if "pickled" in text else "it has no metadata" if isinstance(error, KeyError)
-                  else f"{type(error).__name__}: {text}")
-        fail(f"cannot read {path}: {reason}. Make datasets with data_collection/collect_dataset.py")
-    keys = ("observations", "actions")
-    missing = [key for key in keys if key not in arrays]
-    if missing or not isinstance(metadata, dict):
-        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: "
-             + (f"it lacks {', '.join(missing)}" if missing else "its metadata is not a JSON object"))
-    actions = arrays["actions"]
-    discrete = actions.ndim == 1 and actions.dtype.kind in "iu"
-    if not discrete and (actions.ndim != 2 or actions.dtype.kind != "f"):
-        fail(f"{path}: actions are {actions.dtype} {actions.shape}; expected integers [N] "
-             f"(Discrete) or floats [N, action_dim] (Box)")
-    shapes = {key: arrays[key].shape for key in keys}
-    n = shapes["observations"][0] if len(shapes["observations"]) == 2 else 0
-    if n == 0 or shapes["actions"][0] != n:
-        fail(f"{path}: the arrays' shapes {shapes} are not observations and next_observations [N, obs_dim], "
-             f"actions [N] or [N, action_dim], rewards and terminations [N], with N at least 1")
-    for key in keys:
-        if arrays[key].dtype.kind not in "fiub":  # terminations are booleans
-            fail(f"{path}: {key} have dtype {arrays[key].dtype}, not numbers")
-        if not np.isfinite(arrays[key]).all():
-            fail(f"{path}: {key} hold {np.count_nonzero(~np.isfinite(arrays[key]))} NaN or infinite values; "
-                 f"drop those transitions or collect the dataset again")
-    return {"observations": torch.tensor(arrays["observations"], dtype=torch.float32, device=device),
-            "actions": torch.tensor(actions, dtype=torch.long if discrete else torch.float32, device=device)}, metadata
-
-
-def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
-    """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
-    env_id = args.env_id or metadata.get("env_id")
-    if env_id is None:
-        fail(f"{args.dataset} does not name its env; give --env-id")
-    if args.capture_video:
-        prepare_rendering(env_id)
-    try:
-        probe_env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make env {env_id!r}: {error}")
-    action_space, observation_shape = probe_env.action_space, probe_env.observation_space.shape
-    probe_env.close()
-    actions, obs_dim, discrete = data["actions"], data["observations"].shape[1], data["actions"].dtype == torch.long
-    if not isinstance(action_space, gym.spaces.Discrete if discrete else gym.spaces.Box):
-        kind = "discrete actions" if discrete else f"continuous actions of shape ({actions.shape[1]},)"
-        fail(f"dataset {args.dataset} has {kind}, env {env_id} has actions {action_space}")
-    described = metadata.get("action_space", {})
-    if discrete:
-        n_actions = described.get("n", int(actions.max()) + 1)
-        if observation_shape != (obs_dim,) or n_actions != int(action_space.n):
-            fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and {n_actions} "
-                 f"actions, env {env_id} has observation shape {observation_shape} and {action_space.n} actions")
-        if actions.min() < 0 or actions.max() >= n_actions:
-            fail(f"{args.dataset}: actions range over {int(actions.min())}..{int(actions.max())}, "
-                 f"outside the env's 0..{n_actions - 1}")
-        return env_id, action_space
-    action_dim = actions.shape[1]
-    bounds = f"[{action_space.low.tolist()}, {action_space.high.tolist()}]"
-    data_low, data_high = (described.get(key, getattr(action_space, key).tolist()) for key in ("low", "high"))
-    if (observation_shape != (obs_dim,) or action_space.shape != (action_dim,)
-            or not np.allclose(data_low, action_space.low) or not np.allclose(data_high, action_space.high)):
-        fail(f"dataset and env do not match: dataset {args.dataset} has obs_dim {obs_dim} and actions of shape "
-             f"({action_dim},) in [{data_low}, {data_high}], env {env_id} has observation shape "
-             f"{observation_shape} and actions of shape {action_space.shape} in {bounds}")
-    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-        fail(f"{env_id} has unbounded actions {action_space}; a tanh policy needs finite bounds")
-    low, high = (torch.tensor(bound, dtype=torch.float32, device=actions.device)
-                 for bound in (action_space.low, action_space.high))
-    data_min, data_max = actions.min(dim=0).values, actions.max(dim=0).values
-    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
-        fail(f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
-             f"bounds {bounds}; --clip-actions clips them")
-    return env_id, action_space
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -231,16 +106,6 @@ class Policy(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- the maths
-def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Env units [low, high] -> [-1, 1]."""
-    return 2.0 * (actions - low) / (high - low) - 1.0
-
-
-def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> env units [low, high]."""
-    return low + 0.5 * (actions + 1.0) * (high - low)
-
-
 def tanh_gaussian_nll(output: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """-log pi(a|s) of actions in (-1, 1) for pi = tanh(N(mean, std)), output = [mean, log_std], averaged over
     the batch: the Gaussian density of atanh(a) minus log(1 - a^2), the tanh change of variables (SAC eq. 21)."""
@@ -268,7 +133,6 @@ def deterministic_action(output: torch.Tensor, discrete: bool, gaussian: bool) -
     return torch.tanh(output.chunk(2, dim=-1)[0] if gaussian else output)
 
 
-# ------------------------------------------------------------------------------------------------- evaluation
 class ActingPolicy(nn.Module):
     """The acting function that evaluation plays and policy.pt2 holds: raw env observations in, env actions out."""
 
@@ -285,46 +149,251 @@ class ActingPolicy(nn.Module):
         return actions if self.discrete else unnormalize_actions(actions, self.low, self.high)
 
 
-def evaluate(acting: nn.Module, env_id: str, episodes: int, seed: int, gamma: float, device: torch.device,
-             reference_returns: Optional[dict], video_folder: Optional[Path] = None,
-             video_prefix: str = "eval") -> dict:
-    """Deterministic episodes batched in a vector env; returns the evaluation's record: mean_return, std_return,
-    normalized_score (None without reference returns), discounted_return_initial and the episodes' returns."""
+# ------------------------------------------------------------------------------------------------- one update
+def update(
+    step: int,
+    batch: dict[str, torch.Tensor],
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    args: AlgorithmArgs,
+) -> dict[str, torch.Tensor]:
+    """One gradient step of the imitation loss on raw observations and the data's actions (Box ones in [-1, 1]).
+    Returns the loss and how well the policy's own action matches the data's: accuracy (Discrete) or MSE (Box)."""
+    actions, discrete = batch["actions"], batch["actions"].dtype == torch.long
+    output = policy(batch["observations"])
+    loss = bc_loss(output, actions, discrete, args.box_loss)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():  # the actions of the network before this step, as they were logged before
+        predicted = deterministic_action(output, discrete, gaussian=not discrete and args.box_loss == "gaussian")
+        if discrete:
+            return {"losses/bc_loss": loss.detach(), "diagnostics/accuracy": (predicted == actions).float().mean()}
+        return {"losses/bc_loss": loss.detach(), "diagnostics/action_mse": F.mse_loss(predicted, actions)}
+
+
+# ---- run bookkeeping: the same in every script of algorithms/ ----
+# Flags, dataset and env checks, run folder, checkpoints and resume, evaluation, TensorBoard, summary.json, the
+# policy file. It reads the algorithm's AlgorithmArgs, ACTION_KIND, DATASET_KEYS and check_flags() above.
+OTHER_SCRIPTS = {
+    "box": "cql_discrete_lunarlander.py, bcq_discrete.py, iql.py or bc.py in algorithms/",
+    "discrete": "cql_sac_continuous.py, bcq_continuous.py, td3_bc.py, iql.py or bc.py in algorithms/",
+}
+
+
+@dataclass
+class Args(AlgorithmArgs):
+    exp_name: str = Path(__file__).stem
+    """name of this experiment, used in the run folder's name"""
+    seed: int = 1
+    """seed of python, numpy and torch; evaluation episode i uses env seed seed * 1000 + i"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """record the first evaluation episode of each evaluation to <run folder>/videos"""
+    env_id: Optional[str] = None
+    """env to evaluate on; None: the dataset's env_id"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run together in a vector env"""
+    threads: int = 1
+    """torch CPU threads: 1 is fastest for these small networks and lets parallel runs share the cores"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the flags it was started with"""
+    clip_actions: bool = False
+    """clip dataset actions outside the env's bounds into them, instead of refusing the dataset (Box actions)"""
+    log_freq: int = 100
+    """gradient steps between loss logs"""
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one line on stderr and exit status 2, without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate_args(args: Args) -> None:
+    """Refuse flags that cannot make a run, before anything is written."""
+    for name in ("total_steps", "eval_freq", "eval_episodes", "threads", "log_freq"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        fail(f"--seed must be at least 0, got {args.seed}")
+    if ACTION_KIND == "discrete" and args.clip_actions:
+        fail("--clip-actions applies to Box actions; this script takes discrete actions only: drop it")
+    check_flags(args)
+
+
+def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """DATASET_KEYS as tensors on the device (a batch is one torch.randint and an index), and the metadata with the
+    file's episode_returns (optional). Whatever is wrong with the file stops the run here, in one line."""
+    if not Path(path).is_file():
+        env_id, policy = Path(path).parent.name or "<env id>", Path(path).stem
+        how = f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
+        how = how if policy in ("expert", "noisy", "random") else "the commands in results/README.md"
+        fail(f"dataset {path} does not exist. Build it with:  {how}")
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            arrays = {key: file[key] for key in file.files}
+        metadata = json.loads(str(arrays.pop("metadata")))
+    except Exception as error:  # numpy, zipfile, zlib and json each raise their own kind for a damaged file
+        reasons = {"Object arrays": "an array holds Python objects", "pickled": "it is not a .npz file"}
+        reason = next((why for text, why in reasons.items() if text in str(error)), f"{type(error).__name__}: {error}")
+        reason = "it has no metadata" if isinstance(error, KeyError) else reason
+        fail(f"cannot read {path}: {reason}. Make datasets with data_collection/collect_dataset.py")
+    missing = ", ".join(key for key in DATASET_KEYS if key not in arrays)
+    if missing or not isinstance(metadata, dict):
+        why = f"it lacks {missing}" if missing else "its metadata is not a JSON object"
+        fail(f"{path} is not a dataset of data_collection/collect_dataset.py: {why}")
+    actions = arrays["actions"]
+    kind = {(1, "i"): "discrete", (1, "u"): "discrete", (2, "f"): "box"}.get((actions.ndim, actions.dtype.kind))
+    if kind is None:
+        fail(f"{path}: actions are {actions.dtype} {actions.shape}; expected integers [N] or floats [N, action_dim]")
+    if ACTION_KIND not in (kind, "both"):
+        what = "discrete actions" if kind == "discrete" else f"continuous (Box) actions of shape {actions.shape[1:]}"
+        fail(f"{path} has {what}; this script needs {ACTION_KIND} actions: use {OTHER_SCRIPTS[ACTION_KIND]}")
+    n, obs_dim = arrays["observations"].shape if arrays["observations"].ndim == 2 else (0, 0)
+    expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "actions": (n, *actions.shape[1:])}
+    shapes = {key: arrays[key].shape for key in DATASET_KEYS}
+    if n == 0 or any(shapes[key] != expected.get(key, (n,)) for key in DATASET_KEYS):
+        fail(
+            f"{path}: the arrays' shapes {shapes} are not observations and next_observations [N, obs_dim], actions "
+            "[N] or [N, action_dim], rewards and terminations [N], with N at least 1"
+        )
+    metadata["episode_returns"] = arrays.get("episode_returns", np.zeros(0))
+    for key, values in [
+        *((key, arrays[key]) for key in DATASET_KEYS),
+        ("episode_returns", metadata["episode_returns"]),
+    ]:
+        if values.dtype.kind not in "fiub":  # terminations are booleans
+            fail(f"{path}: {key} have dtype {values.dtype}, not numbers")
+        if not np.isfinite(values).all():
+            fail(
+                f"{path}: {key} hold {np.count_nonzero(~np.isfinite(values))} NaN or infinite values; drop those "
+                "transitions or collect the dataset again"
+            )
+    # Only true terminations stop bootstrapping; a time-limit truncation still bootstraps.
+    data = {key: torch.tensor(arrays[key], dtype=torch.float32, device=device) for key in DATASET_KEYS}
+    data["actions"] = torch.tensor(actions, dtype=torch.long if kind == "discrete" else torch.float32, device=device)
+    return data, metadata
+
+
+def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
+    """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
+    env_id = args.env_id or metadata.get("env_id") or fail(f"{args.dataset} does not name its env; give --env-id")
+    if args.capture_video:
+        prepare_rendering(env_id)
+    try:
+        with gym.make(env_id) as probe_env:
+            space, observation_shape = probe_env.action_space, probe_env.observation_space.shape
+    except gym.error.Error as error:
+        fail(f"cannot make env {env_id!r}: {error}")
+    actions, obs_dim, discrete = data["actions"], data["observations"].shape[1], data["actions"].dtype == torch.long
+    if not isinstance(space, gym.spaces.Discrete if discrete else gym.spaces.Box):
+        kind = "discrete actions" if discrete else f"continuous actions of shape ({actions.shape[1]},)"
+        need = "a Discrete action space" if discrete else "a Box action space"
+        fail(f"dataset {args.dataset} has {kind}, env {env_id} has actions {space}; this dataset needs {need}")
+    described, ours = metadata.get("action_space", {}), f"dataset {args.dataset} has obs_dim {obs_dim} and"
+    if discrete:
+        n_actions = described.get("n", int(actions.max()) + 1)
+        if observation_shape != (obs_dim,) or n_actions != int(space.n):
+            fail(
+                f"dataset and env do not match: {ours} {n_actions} actions, env {env_id} has observation shape "
+                f"{observation_shape} and {space.n} actions"
+            )
+        if actions.min() < 0 or actions.max() >= n_actions:
+            fail(
+                f"{args.dataset}: actions range over {int(actions.min())}..{int(actions.max())}, outside the env's "
+                f"0..{n_actions - 1}"
+            )
+        return env_id, space
+    data_low, data_high = (described.get(key, getattr(space, key).tolist()) for key in ("low", "high"))
+    bounds, same_shapes = f"[{space.low.tolist()}, {space.high.tolist()}]", observation_shape == (obs_dim,)
+    same_shapes = same_shapes and space.shape == actions.shape[1:]
+    if not (same_shapes and np.allclose(data_low, space.low) and np.allclose(data_high, space.high)):
+        fail(
+            f"dataset and env do not match: {ours} actions of shape ({actions.shape[1]},) in [{data_low}, "
+            f"{data_high}], env {env_id} has observation shape {observation_shape} and actions of shape "
+            f"{space.shape} in {bounds}"
+        )
+    if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        fail(f"{env_id} has unbounded actions {space}; this script needs a Box action space with finite bounds")
+    data_min, data_max = (values.cpu().numpy() for values in actions.aminmax(dim=0))
+    low, high = space.low.astype(np.float32), space.high.astype(np.float32)  # in the data's precision
+    if not args.clip_actions and ((data_min < low - 1e-4).any() or (data_max > high + 1e-4).any()):
+        fail(
+            f"{args.dataset}: actions range over [{data_min.tolist()}, {data_max.tolist()}], outside the env's "
+            f"bounds {bounds}; --clip-actions clips them"
+        )
+    return env_id, space
+
+
+def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Env units [low, high] -> [-1, 1]."""
+    return 2.0 * (actions - low) / (high - low) - 1.0
+
+
+def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> env units [low, high]."""
+    return low + 0.5 * (actions + 1.0) * (high - low)
+
+
+def sample(data: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    """batch_size transitions drawn uniformly, with replacement: one torch.randint, then an index into each array."""
+    indices = torch.randint(len(data["actions"]), (batch_size,), device=data["actions"].device)
+    return {key: values[indices] for key, values in data.items()}
+
+
+def evaluate(acting, q_initial, env_id, episodes, seed, gamma, device, references, video_folder=None, prefix="eval"):
+    """Episodes of acting(raw observations) -> env actions, batched in a vector env. Returns the evaluation's record:
+    mean_return, std_return, normalized_score (None without reference returns), q_initial (mean of q_initial(first
+    observations, first actions), absent when q_initial is None), discounted_return_initial and the returns.
+    Random numbers that acting draws come from torch's generator seeded with `seed` in a fork of its state, so an
+    evaluation is reproducible (results/evaluate_policy.py replays it) and leaves the training's random numbers be."""
 
     def make_env(index: int) -> gym.Env:
         if video_folder is None or index > 0:
             return gym.make(env_id)
-        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_folder),
-                                        episode_trigger=lambda episode: episode == 0, name_prefix=video_prefix,
-                                        disable_logger=True)
+        video = dict(episode_trigger=lambda episode: episode == 0, name_prefix=prefix, disable_logger=True)
+        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_folder), **video)
 
-    envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(i) for i in range(episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(i) for i in range(episodes)], autoreset_mode=same_step)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
-    returns, discounted_returns = np.zeros(episodes), np.zeros(episodes)
-    running = np.ones(episodes, dtype=bool)
-    discount = 1.0
-    while running.any():
-        with torch.no_grad():
-            actions = acting(torch.tensor(observations, dtype=torch.float32, device=device))
-        observations, rewards, terminations, truncations, _ = envs.step(actions.cpu().numpy())
-        returns += np.where(running, rewards, 0.0)
-        discounted_returns += np.where(running, discount * rewards, 0.0)
-        discount *= gamma
-        running &= ~(terminations | truncations)
+    returns, discounted_returns, running = np.zeros(episodes), np.zeros(episodes), np.ones(episodes, dtype=bool)
+    discount, first_q, was_training = 1.0, None, acting.training
+    acting.eval()
+    # Every episode is acted for at every step, the finished ones too (their envs have reset; what they return is
+    # ignored), so that the random numbers drawn are those of results/evaluate_policy.py, which plays the same way.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        while running.any():
+            observation_tensor = torch.tensor(observations, dtype=torch.float32, device=device)
+            actions = acting(observation_tensor)
+            if first_q is None and q_initial is not None:
+                first_q = q_initial(observation_tensor, actions).cpu().numpy()
+            observations, rewards, terminations, truncations, _ = envs.step(actions.cpu().numpy())
+            returns += np.where(running, rewards, 0.0)
+            discounted_returns += np.where(running, discount * rewards, 0.0)
+            discount *= gamma
+            running &= ~(terminations | truncations)
     envs.close()
+    acting.train(was_training)
     mean_return = float(returns.mean())
-    return {"mean_return": mean_return, "std_return": float(returns.std()),
-            "normalized_score": normalized_score(mean_return, reference_returns),
-            "discounted_return_initial": float(discounted_returns.mean()), "returns": returns.tolist()}
-
-
-def normalized_score(mean_return: float, reference_returns: dict) -> Optional[float]:
-    """D4RL's normalised score: 0 is a uniform random policy, 100 the expert that made the dataset's references."""
-    if not reference_returns or reference_returns.get("expert") is None:
-        return None
-    low, high = reference_returns["random"], reference_returns["expert"]
-    return 100.0 * (mean_return - low) / (high - low)
+    record = {"mean_return": mean_return, "std_return": float(returns.std()), "normalized_score": None}
+    if references and references.get("expert") is not None:  # D4RL's: 0 a uniform random policy, 100 the expert
+        low, high = references["random"], references["expert"]
+        record["normalized_score"] = 100.0 * (mean_return - low) / (high - low)
+    if q_initial is not None:
+        record["q_initial"] = float(first_q.mean())
+    return {**record, "discounted_return_initial": float(discounted_returns.mean()), "returns": returns.tolist()}
 
 
 def prepare_rendering(env_id: str) -> None:
@@ -337,52 +406,14 @@ def prepare_rendering(env_id: str) -> None:
         env = dict(os.environ, **({"MUJOCO_GL": backend} if backend else {}))
         result = subprocess.run([sys.executable, "-c", probe, env_id], env=env, capture_output=True, text=True)
         if result.returncode == 0:
-            if backend:
-                os.environ["MUJOCO_GL"] = backend
+            os.environ.update({"MUJOCO_GL": backend} if backend else {})
             return
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    fail(f"--capture-video cannot render {env_id} (MUJOCO_GL={'/'.join(map(str, backends))}: {reason}). Without a "
-         f"screen MuJoCo renders with EGL or OSMesa: install one (apt install libegl1 or libosmesa6), or drop "
-         f"--capture-video")
-
-
-def export_policy(acting: nn.Module, obs_dim: int, path: Path, info: dict) -> None:
-    """Save the acting function as a torch.export program with info as policy.json: loadable without this file
-    and without pickle, by torch.export.load(path).module(), on the CPU, for any batch size."""
-    acting = copy.deepcopy(acting).cpu().eval().requires_grad_(False)  # so that its actions convert to numpy
-    program = torch.export.export(acting, (torch.zeros(2, obs_dim),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
-    archive = io.BytesIO()
-    torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
-    write_atomically(path, lambda temporary: temporary.write_bytes(archive.getvalue()))
-
-
-def git_commit() -> Optional[str]:
-    """The commit of the checkout this file lies in, with "-dirty" for uncommitted changes; None outside one."""
-    folder = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--", Path(__file__).name], cwd=folder,
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
-
-
-# ------------------------------------------------------------------------------------------------- runs
-def make_run_dir(name: str) -> Path:
-    """A new folder runs/<name>: mkdir is atomic, so two runs started in the same second get a folder each."""
-    Path("runs").mkdir(exist_ok=True)
-    for attempt in range(1, 1000):
-        run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    fail(f"runs/{name} and 998 suffixed folders exist already; choose another --exp-name")
+    fail(
+        f"--capture-video cannot render {env_id} (MUJOCO_GL={'/'.join(map(str, backends))}: {reason}). Without a "
+        "screen MuJoCo renders with EGL or OSMesa: install one (apt install libegl1 or libosmesa6), or drop "
+        "--capture-video"
+    )
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -392,25 +423,41 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(temporary, path)
 
 
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this file lies in, with "-dirty" for uncommitted changes; None outside one."""
+    here, git = Path(__file__).resolve(), dict(capture_output=True, text=True, timeout=10)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here.parent, **git)
+        status = subprocess.run(["git", "status", "--porcelain", "--", here.name], cwd=here.parent, **git)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "") if commit.returncode == 0 else None
+
+
 def rng_states() -> dict:
-    numpy_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+    """Every generator a run draws from: Python's, NumPy's, torch's on the CPU and on each CUDA device."""
+    name, keys, *rest = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    numpy = [name, torch.from_numpy(keys.astype(np.int64)), *rest]
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def load_checkpoint(args: Args) -> tuple[Args, dict]:
     """The checkpoint in the --resume folder, and the flags that run was started with."""
-    given = [f"--{field.name.replace('_', '-')}" for field in fields(Args)
-             if field.name != "resume" and getattr(args, field.name) != field.default]
+    given = [field.name for field in fields(Args) if getattr(args, field.name) != field.default]
+    given.remove("resume")
     if given:
-        fail(f"--resume continues a run with the flags it was started with; drop {' '.join(given)}")
+        drop = " ".join(f"--{name.replace('_', '-')}" for name in given)
+        fail(f"--resume continues a run with the flags it was started with; drop {drop}")
     path = Path(args.resume) / "checkpoint.pt"
     if not path.is_file():
         fail(f"{path} does not exist: --resume takes the run folder of a run that reached its first evaluation")
@@ -440,153 +487,223 @@ def stop_at_once(signum, frame) -> None:
     os._exit(130)
 
 
-# ------------------------------------------------------------------------------------------------- main
+class Run:
+    """A run: Run() reads the flags (or those of the run to resume), seeds every generator and loads the checked
+    dataset (Box actions mapped into [-1, 1]); begin() makes the run folder; steps() yields the gradient steps;
+    end_step() logs, evaluates and checkpoints; finish() writes the model, policy.pt2 and summary.json."""
+
+    def __init__(self):
+        signal.signal(signal.SIGINT, stop_at_once)
+        args = tyro.cli(Args, description=__doc__)
+        self.args, self.checkpoint = load_checkpoint(args) if args.resume else (args, None)
+        validate_args(self.args)
+        random.seed(self.args.seed)
+        np.random.seed(self.args.seed)
+        torch.manual_seed(self.args.seed)
+        torch.backends.cudnn.deterministic = self.args.torch_deterministic
+        torch.set_num_threads(self.args.threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.args.cuda else "cpu")
+        self.data, self.metadata = load_dataset(self.args.dataset, self.device)
+        self.env_id, self.action_space = validate_env(self.args, self.data, self.metadata)
+        if isinstance(self.action_space, gym.spaces.Box):
+            bounds = (self.action_space.low, self.action_space.high)
+            low, high = (torch.tensor(bound, dtype=torch.float32, device=self.device) for bound in bounds)
+            # The clamp covers actions a hair outside the bounds (and those --clip-actions lets through).
+            self.data["actions"] = normalize_actions(self.data["actions"], low, high).clamp(-1.0, 1.0)
+
+    def begin(self, state: dict, model: nn.Module, acting: nn.Module, q_initial=None, deterministic=True, extra=None):
+        """state: what a checkpoint holds besides the generators (modules, optimisers, schedules); model: what
+        <exp_name>.pt holds; acting: what evaluation plays and policy.pt2 holds; q_initial(observations, actions):
+        the critic's value of the first states and actions in reward units (None: no Q(s0) diagnostic);
+        deterministic: whether acting draws no random numbers; extra: more summary.json fields."""
+        args, checkpoint = self.args, self.checkpoint
+        self.state, self.model, self.acting, self.q_initial = state, model, acting, q_initial
+        self.deterministic, self.extra = deterministic, extra or {}
+        name = f"{self.env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
+        self.run_dir = Path(args.resume) if checkpoint else self.make_run_dir(name)
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                fail("--track needs wandb: pip install wandb")
+            config = dict(config=vars(args), name=self.run_dir.name, save_code=True, sync_tensorboard=True)
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, **config)
+        # purge_step drops what an interrupted run logged after its checkpoint, so a resumed curve has no doubles.
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        saved = checkpoint or {"step": 0, "evaluations": [], "eval_time_s": 0.0, "wall_time_s": 0.0}
+        self.step = self.saved_step = saved["step"]
+        self.evaluations, self.eval_time = saved["evaluations"], saved["eval_time_s"]
+        self.wall_time = saved["wall_time_s"]
+        if checkpoint:
+            for name, part in state.items():
+                part.load_state_dict(checkpoint["state"][name])
+            set_rng_states(checkpoint["rng"])
+        self.scalars, self.last_losses, self.sps = {}, {}, 0.0
+        extras = "".join(f", {key} {value:.4g}" for key, value in self.extra.items())
+        resumed = f", resumed after step {self.step}" if checkpoint else ""
+        print(
+            f"{args.exp_name}: {len(self.data['actions'])} transitions from {args.dataset}{extras}, evaluating on "
+            f"{self.env_id}, run folder {self.run_dir}{resumed}"
+        )
+
+    @staticmethod
+    def make_run_dir(name: str) -> Path:
+        """A new folder runs/<name>: mkdir is atomic, so two runs started in the same second get a folder each."""
+        Path("runs").mkdir(exist_ok=True)
+        for attempt in range(1, 1000):
+            run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
+            with contextlib.suppress(FileExistsError):
+                run_dir.mkdir()
+                return run_dir
+        fail(f"runs/{name} and 998 suffixed folders exist already; choose another --exp-name")
+
+    def steps(self):
+        """The gradient steps still to take, from 1 or after the checkpoint's; Ctrl-C ends them after a checkpoint."""
+        self.start_time, self.last_print = time.time() - self.wall_time, time.time()
+        signal.signal(signal.SIGINT, stop_after_this_step)
+        for step in range(self.step + 1, self.args.total_steps + 1):
+            if stop_requested:
+                return
+            self.step = step
+            yield step
+
+    def end_step(self, step: int, scalars: dict[str, torch.Tensor]) -> None:
+        """After update(): log its scalars every --log-freq steps (each keeps its last value until update() returns
+        it again), evaluate every --eval-freq and at the end, and checkpoint after each evaluation and on Ctrl-C."""
+        self.scalars.update(scalars)
+        evaluate_now = step % self.args.eval_freq == 0 or step == self.args.total_steps
+        if step % self.args.log_freq == 0 or evaluate_now:
+            self.log(step)
+        if evaluate_now:
+            self.evaluate(step)
+        if evaluate_now or stop_requested:
+            self.save_checkpoint(step)
+
+    def log(self, step: int) -> None:
+        # Read here, not every step: reading a value waits for it, and that costs updates per second.
+        values = {tag: value.item() for tag, value in self.scalars.items()}
+        losses = {tag.removeprefix("losses/"): value for tag, value in values.items() if tag.startswith("losses/")}
+        if not np.isfinite(list(losses.values())).all():
+            rates = [f"--{f.name.replace('_', '-')}" for f in fields(Args) if f.name.endswith(("lr", "learning_rate"))]
+            fail(
+                f"a loss became non-finite at gradient step {step} (checked every --log-freq steps): {losses}; last "
+                f"finite losses: {self.last_losses}. Try a lower learning rate ({', '.join(rates)})."
+            )
+        self.last_losses = {name: round(value, 6) for name, value in losses.items()}
+        self.sps = step / (time.time() - self.start_time - self.eval_time)
+        for tag, value in {**values, "charts/SPS": self.sps}.items():
+            self.writer.add_scalar(tag, value, step)
+        if time.time() - self.last_print > 60:  # a sign of life between evaluations, about once a minute
+            shown = "  ".join(f"{name} {value:.3f}" for name, value in losses.items())
+            print(f"step {step}/{self.args.total_steps}  {shown}  SPS {self.sps:.1f}", flush=True)
+            self.last_print = time.time()
+
+    def evaluate(self, step: int) -> None:
+        args, eval_start, references = self.args, time.time(), self.metadata.get("reference_returns")
+        video_folder = self.run_dir / "videos" if args.capture_video else None
+        how = (args.eval_episodes, args.seed, args.gamma, self.device, references, video_folder, f"step{step}")
+        result = evaluate(self.acting, self.q_initial, self.env_id, *how)
+        self.eval_time += time.time() - eval_start
+        # wall_time_s: to this score, evaluations included.
+        self.evaluations.append(evaluation := {"step": step, **result, "wall_time_s": time.time() - self.start_time})
+        tags = {"eval/episodic_return": "mean_return", "eval/normalized_score": "normalized_score"}
+        for tag, key in {**tags, "diagnostics/q_initial": "q_initial"}.items():
+            if evaluation.get(key) is not None:
+                self.writer.add_scalar(tag, evaluation[key], step)
+        self.writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"], step)
+        q = f"  Q(s0) {evaluation['q_initial']:.1f} vs" if "q_initial" in evaluation else ""
+        print(
+            f"step {step}/{args.total_steps}  return {evaluation['mean_return']:.1f} ± {evaluation['std_return']:.1f}"
+            f"{q}  discounted return {evaluation['discounted_return_initial']:.1f}  SPS {self.sps:.0f}  eval "
+            f"{time.time() - eval_start:.0f} s",
+            flush=True,
+        )
+
+    def save_checkpoint(self, step: int) -> None:
+        self.wall_time, self.saved_step = time.time() - self.start_time, step
+        state = {name: part.state_dict() for name, part in self.state.items()}
+        checkpoint = dict(
+            args=asdict(self.args), step=step, rng=rng_states(), evaluations=self.evaluations, state=state
+        )
+        checkpoint.update(wall_time_s=self.wall_time, eval_time_s=self.eval_time)
+        write_atomically(self.run_dir / "checkpoint.pt", lambda path: torch.save(checkpoint, path))
+
+    def finish(self) -> None:
+        """Save the model, the policy file and summary.json; on Ctrl-C, exit 130 with the command that resumes."""
+        args, run_dir, step, space = self.args, self.run_dir, self.step, self.action_space
+        references = self.metadata.get("reference_returns")
+        if stop_requested and self.saved_step != step:
+            self.save_checkpoint(step)
+        model_path, obs_dim = run_dir / f"{args.exp_name}.pt", self.data["observations"].shape[1]
+        if args.save_model:
+            write_atomically(model_path, lambda path: torch.save(self.model.state_dict(), path))
+            kind = (
+                dict(low=space.low.tolist(), high=space.high.tolist())
+                if hasattr(space, "low")
+                else dict(n=int(space.n))
+            )
+            info = dict(env_id=self.env_id, algorithm=args.exp_name, dataset=args.dataset, step=step)
+            info.update(observation_shape=[obs_dim], action_space=kind, reference_returns=references)
+            info.update(deterministic=self.deterministic, evaluation=dict(episodes=args.eval_episodes, seed=args.seed))
+            info["evaluation"]["gamma"] = args.gamma
+            # torch.export: a program that torch.export.load(path).module() runs without this file and without pickle.
+            acting = copy.deepcopy(self.acting).cpu().eval().requires_grad_(False)  # its actions convert to numpy
+            batch = {0: torch.export.Dim("batch")}
+            program = torch.export.export(acting, (torch.zeros(2, obs_dim),), dynamic_shapes=(batch,))
+            archive = io.BytesIO()
+            torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
+            write_atomically(run_dir / "policy.pt2", lambda path: path.write_bytes(archive.getvalue()))
+            print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
+        final = self.evaluations[-1] if self.evaluations else {}
+        status = "interrupted" if stop_requested else "finished"
+        summary = dict(args=asdict(args), status=status, env_id=self.env_id, dataset=args.dataset, run_dir=str(run_dir))
+        summary.update(model_path=str(model_path) if args.save_model else None, **self.extra)
+        summary.update({f"final_{key}": final.get(key) for key in ("returns", "mean_return", "std_return")})
+        summary.update(final_normalized_score=final.get("normalized_score"), total_steps=args.total_steps)
+        summary.update(steps_done=step, wall_time_s=self.wall_time, eval_time_s=self.eval_time)
+        summary.update(updates_per_second=step / (self.wall_time - self.eval_time), evaluations=self.evaluations)
+        summary.update(device=str(self.device), git_commit=git_commit())
+        versions = dict(python=platform.python_version(), torch=torch.__version__, gymnasium=gym.__version__)
+        summary["versions"] = dict(**versions, numpy=np.__version__)
+        write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
+        self.writer.close()
+        if stop_requested:
+            print(
+                f"interrupted after step {step} of {args.total_steps}; continue with:  python {sys.argv[0]} "
+                f"--resume {run_dir}",
+                file=sys.stderr,
+            )
+            sys.exit(130)
+        print(
+            f"final return {final['mean_return']:.1f} ± {final['std_return']:.1f} over {args.eval_episodes} "
+            f"episodes; {summary['updates_per_second']:.0f} updates/s, {self.wall_time:.0f} s.\nRun folder "
+            f"{run_dir} (summary.json, TensorBoard events: tensorboard --logdir runs)"
+        )
+
+
+# ---- end of run bookkeeping ----
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, stop_at_once)
-    args = tyro.cli(Args, description=__doc__)
-    args, checkpoint = load_checkpoint(args) if args.resume else (args, None)
-    validate_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    data, metadata = load_dataset(args.dataset, device)
-    env_id, action_space = validate_env(args, data, metadata)
+    run = Run()
+    args, data, device, space = run.args, run.data, run.device, run.action_space
     obs_dim, discrete = data["observations"].shape[1], data["actions"].dtype == torch.long
-    if discrete:
-        output_dim = int(action_space.n)
-        low, high = torch.zeros(0, device=device), torch.zeros(0, device=device)  # the acting function's buffers
-    else:
-        output_dim = data["actions"].shape[1] * (2 if args.box_loss == "gaussian" else 1)
-        low = torch.tensor(action_space.low, dtype=torch.float32, device=device)
-        high = torch.tensor(action_space.high, dtype=torch.float32, device=device)
-        data["actions"] = normalize_actions(data["actions"], low, high).clamp(-1.0, 1.0)
-
-    run_dir = Path(args.resume) if checkpoint else make_run_dir(
-        f"{env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}")
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs wandb: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_dir.name, save_code=True)
-    # purge_step drops what an interrupted run logged after its checkpoint, so a resumed curve has no doubles.
-    writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
-    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-
+    gaussian = not discrete and args.box_loss == "gaussian"
+    output_dim = int(space.n) if discrete else data["actions"].shape[1] * (2 if gaussian else 1)
     policy = Policy(obs_dim, output_dim, args.hidden_dim, args.num_layers).to(device)
     policy.obs_mean.copy_(data["observations"].mean(dim=0))
     policy.obs_std.copy_(data["observations"].std(dim=0) + 1e-3)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
-    gaussian = not discrete and args.box_loss == "gaussian"
-    acting = ActingPolicy(policy, discrete, gaussian, low, high)
-    num_transitions = len(data["actions"])
-    state = {"policy": policy, "optimizer": optimizer}  # all that a checkpoint holds, besides the RNGs
-    first_step = 1
-    evaluations = []
-    eval_time = 0.0
-    wall_time = 0.0
-    if checkpoint:
-        for name, part in state.items():
-            part.load_state_dict(checkpoint["state"][name])
-        set_rng_states(checkpoint["rng"])
-        first_step, evaluations = checkpoint["step"] + 1, checkpoint["evaluations"]
-        eval_time, wall_time = checkpoint["eval_time_s"], checkpoint["wall_time_s"]
-    print(f"{args.exp_name}: {num_transitions} transitions from {args.dataset}, evaluating on {env_id}, "
-          f"run folder {run_dir}" + (f" (resumed after step {first_step - 1})" if checkpoint else ""))
-
-    start_time = time.time() - wall_time
-    last_loss = "none yet"
-    signal.signal(signal.SIGINT, stop_after_this_step)
-    for global_step in range(first_step, args.total_steps + 1):
-        # ALGO LOGIC: training
-        indices = torch.randint(num_transitions, (args.batch_size,), device=device)
-        observations = data["observations"][indices]
-        actions = data["actions"][indices]
-        output = policy(observations)
-        loss = bc_loss(output, actions, discrete, args.box_loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        # ALGO LOGIC END
-
-        evaluate_now = global_step % args.eval_freq == 0 or global_step == args.total_steps
-        if global_step % args.log_freq == 0 or evaluate_now:
-            sps = global_step / (time.time() - start_time - eval_time)
-            writer.add_scalar("charts/SPS", sps, global_step)
-        if global_step % args.log_freq == 0:
-            # Checked here, not every step: reading a loss waits for it, and that costs updates per second.
-            loss_value = loss.item()
-            if not np.isfinite(loss_value):
-                fail(f"the loss became {loss_value} at gradient step {global_step} (checked every --log-freq steps); "
-                     f"last finite losses: {last_loss}. Try a lower --learning-rate.")
-            last_loss = round(loss_value, 6)
-            writer.add_scalar("losses/bc_loss", loss_value, global_step)
-            with torch.no_grad():
-                predicted = deterministic_action(output, discrete, gaussian)
-                if discrete:
-                    writer.add_scalar("diagnostics/accuracy", (predicted == actions).float().mean().item(), global_step)
-                else:
-                    writer.add_scalar("diagnostics/action_mse", F.mse_loss(predicted, actions).item(), global_step)
-
-        if evaluate_now:
-            eval_start = time.time()
-            video_folder = run_dir / "videos" if args.capture_video else None
-            evaluation = {"step": global_step, **evaluate(acting, env_id, args.eval_episodes, args.seed, args.gamma,
-                                                          device, metadata.get("reference_returns"), video_folder,
-                                                          f"step{global_step}")}
-            eval_time += time.time() - eval_start
-            evaluation["wall_time_s"] = time.time() - start_time  # to this score, evaluations included
-            evaluations.append(evaluation)
-            writer.add_scalar("eval/episodic_return", evaluation["mean_return"], global_step)
-            if evaluation["normalized_score"] is not None:
-                writer.add_scalar("eval/normalized_score", evaluation["normalized_score"], global_step)
-            writer.add_scalar("diagnostics/discounted_return_initial", evaluation["discounted_return_initial"],
-                              global_step)
-            print(f"step {global_step}/{args.total_steps}  return {evaluation['mean_return']:.1f} ± "
-                  f"{evaluation['std_return']:.1f}  bc_loss {loss.item():.4f}  SPS {sps:.0f}", flush=True)
-        if evaluate_now or stop_requested:
-            wall_time = time.time() - start_time
-            checkpoint = {"args": asdict(args), "step": global_step, "rng": rng_states(), "evaluations": evaluations,
-                          "state": {name: part.state_dict() for name, part in state.items()},
-                          "wall_time_s": wall_time, "eval_time_s": eval_time}
-            write_atomically(run_dir / "checkpoint.pt", lambda path: torch.save(checkpoint, path))
-        if stop_requested:
-            break
-
-    model_path = run_dir / f"{args.exp_name}.pt"
-    if args.save_model:
-        write_atomically(model_path, lambda path: torch.save(policy.state_dict(), path))
-        export_policy(acting, obs_dim, run_dir / "policy.pt2", {
-            "env_id": env_id, "algorithm": args.exp_name, "dataset": args.dataset, "step": global_step,
-            "observation_shape": [obs_dim], "action_space": {"n": int(action_space.n)} if discrete else
-            {"low": action_space.low.tolist(), "high": action_space.high.tolist()},
-            "reference_returns": metadata.get("reference_returns"), "deterministic": True,
-            "evaluation": {"episodes": args.eval_episodes, "seed": args.seed, "gamma": args.gamma}})
-        print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
-    final = evaluations[-1] if evaluations else {}
-    summary = {
-        "args": asdict(args), "status": "interrupted" if stop_requested else "finished", "env_id": env_id,
-        "dataset": args.dataset, "run_dir": str(run_dir), "model_path": str(model_path) if args.save_model else None,
-        "final_returns": final.get("returns"), "final_mean_return": final.get("mean_return"),
-        "final_std_return": final.get("std_return"), "final_normalized_score": final.get("normalized_score"),
-        "total_steps": args.total_steps, "steps_done": global_step, "wall_time_s": wall_time,
-        "eval_time_s": eval_time, "updates_per_second": global_step / (wall_time - eval_time),
-        "evaluations": evaluations, "device": str(device), "git_commit": git_commit(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-                     "numpy": np.__version__},
-    }
-    write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
-    writer.close()
-    if stop_requested:
-        print(f"interrupted after step {global_step} of {args.total_steps}; continue with:  python "
-              f"{sys.argv[0]} --resume {run_dir}", file=sys.stderr)
-        sys.exit(130)
-    print(f"final return {final['mean_return']:.1f} ± {final['std_return']:.1f} over {args.eval_episodes} episodes; "
-          f"{summary['updates_per_second']:.0f} updates/s, {wall_time:.0f} s.\nRun folder {run_dir} "
-          f"(summary.json, TensorBoard events: tensorboard --logdir runs)")
+    # The acting function's buffers: the env's bounds (Box), empty for Discrete actions.
+    bounds = (np.zeros(0), np.zeros(0)) if discrete else (space.low, space.high)
+    low, high = (torch.tensor(bound, dtype=torch.float32, device=device) for bound in bounds)
+    run.begin(
+        state={"policy": policy, "optimizer": optimizer},
+        model=policy,
+        acting=ActingPolicy(policy, discrete, gaussian, low, high),
+    )
+    for step in run.steps():
+        run.end_step(step, update(step, sample(data, args.batch_size), policy, optimizer, args))
+    run.finish()

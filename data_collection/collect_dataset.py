@@ -40,11 +40,15 @@ import gymnasium as gym
 import numpy as np
 import tyro
 import yaml
-from tqdm import tqdm
-
 from dataset_io import (
-    DatasetError, default_dataset_path, describe_space, exit_on_dataset_error, prepare_output, save_dataset,
+    DatasetError,
+    default_dataset_path,
+    describe_space,
+    exit_on_dataset_error,
+    prepare_output,
+    save_dataset,
 )
+from tqdm import tqdm
 
 # The expert of each default experiment (the table of default agents in README.md's "Building datasets"); it also
 # gives the env's "expert" reference return.
@@ -54,8 +58,17 @@ DEFAULT_EXPERT_REPOS = {
     "Hopper-v5": "sb3/tqc-Hopper-v3",
 }
 MUJOCO_ENVS = (
-    "Ant", "HalfCheetah", "Hopper", "Humanoid", "HumanoidStandup", "InvertedDoublePendulum",
-    "InvertedPendulum", "Pusher", "Reacher", "Swimmer", "Walker2d",
+    "Ant",
+    "HalfCheetah",
+    "Hopper",
+    "Humanoid",
+    "HumanoidStandup",
+    "InvertedDoublePendulum",
+    "InvertedPendulum",
+    "Pusher",
+    "Reacher",
+    "Swimmer",
+    "Walker2d",
 )
 REFERENCE_SEED = 1_000_000  # reference episodes use seeds REFERENCE_SEED + i, apart from any collection seed
 
@@ -146,10 +159,17 @@ def algorithm_classes() -> dict[str, type]:
     import stable_baselines3
 
     return {
-        "a2c": stable_baselines3.A2C, "ppo": stable_baselines3.PPO, "dqn": stable_baselines3.DQN,
-        "sac": stable_baselines3.SAC, "td3": stable_baselines3.TD3, "ddpg": stable_baselines3.DDPG,
-        "tqc": sb3_contrib.TQC, "qrdqn": sb3_contrib.QRDQN, "trpo": sb3_contrib.TRPO,
-        "ars": sb3_contrib.ARS, "crossq": sb3_contrib.CrossQ,
+        "a2c": stable_baselines3.A2C,
+        "ppo": stable_baselines3.PPO,
+        "dqn": stable_baselines3.DQN,
+        "sac": stable_baselines3.SAC,
+        "td3": stable_baselines3.TD3,
+        "ddpg": stable_baselines3.DDPG,
+        "tqc": sb3_contrib.TQC,
+        "qrdqn": sb3_contrib.QRDQN,
+        "trpo": sb3_contrib.TRPO,
+        "ars": sb3_contrib.ARS,
+        "crossq": sb3_contrib.CrossQ,
     }
 
 
@@ -170,7 +190,7 @@ class AgentSource:
         """The env id in the rl-zoo name `<algo>-<EnvId>`, if the name follows it."""
         stem = self.repo_id.split("/")[-1] if self.repo_id is not None else self.path.stem
         prefix = f"{self.algo}-"
-        return stem[len(prefix):] if stem.startswith(prefix) else None
+        return stem[len(prefix) :] if stem.startswith(prefix) else None
 
 
 def agent_source(
@@ -192,7 +212,11 @@ def download(repo_id: str, filename: str, required: bool = True) -> Optional[Pat
     """hf_hub_download with a clear message for each way it fails; an optional file that is absent gives None."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
@@ -281,8 +305,9 @@ def check_agent_algo(zip_path: Path, source: AgentSource, classes: dict[str, typ
     A policy module can serve several algorithms (PPO, A2C and TRPO share ActorCriticPolicy): any of them passes.
     """
     module = policy_module(zip_path)
-    algos = [algo for algo, cls in classes.items()
-             if module in {policy.__module__ for policy in cls.policy_aliases.values()}]
+    algos = [
+        algo for algo, cls in classes.items() if module in {policy.__module__ for policy in cls.policy_aliases.values()}
+    ]
     if algos and source.algo not in algos:
         raise DatasetError(
             f"{source.name} holds an agent of {' or '.join(algos)}, not of {source.algo} (its policy class is from "
@@ -296,7 +321,8 @@ def same_action_space(agent: dict[str, Any], env: dict[str, Any]) -> bool:
         return False
     return all(
         key in agent and np.shape(agent[key]) == np.shape(env[key]) and np.allclose(agent[key], env[key])
-        for key in ("n", "shape", "low", "high") if key in env
+        for key in ("n", "shape", "low", "high")
+        if key in env
     )
 
 
@@ -322,7 +348,7 @@ class GymToGymnasiumUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "gym" or module.startswith("gym."):
-            module = "gymnasium" + module[len("gym"):]
+            module = "gymnasium" + module[len("gym") :]
         return super().find_class(module, name)
 
 
@@ -351,8 +377,10 @@ class Agent:
         config = read_zoo_config(config_path)
         for unsupported in ("env_wrapper", "frame_stack"):
             if config.get(unsupported):
-                raise DatasetError(f"{source.name} was trained with {unsupported}={config[unsupported]}, "
-                                   "which this collector does not rebuild")
+                raise DatasetError(
+                    f"{source.name} was trained with {unsupported}={config[unsupported]}, "
+                    "which this collector does not rebuild"
+                )
         if needs_normalization(config) and normalizer_path is None:
             raise DatasetError(
                 f"{source.name} was trained with VecNormalize (config.yml: normalize) but its vec_normalize.pkl "
@@ -365,8 +393,12 @@ class Agent:
         # schedules instead (only prediction is used, so the schedules never matter).
         constant = lambda _: 0.0  # noqa: E731
         custom_objects = {
-            "observation_space": env.observation_space, "action_space": env.action_space,
-            "learning_rate": 0.0, "lr_schedule": constant, "clip_range": constant, "exploration_schedule": constant,
+            "observation_space": env.observation_space,
+            "action_space": env.action_space,
+            "learning_rate": 0.0,
+            "lr_schedule": constant,
+            "clip_range": constant,
+            "exploration_schedule": constant,
         }
         try:
             self.model = classes[source.algo].load(zip_path, device="cpu", custom_objects=custom_objects)
@@ -474,8 +506,9 @@ def collect(env_id: str, act: Callable[[np.ndarray], np.ndarray], num_transition
             observations = next_observations
             bar.update(num_envs)
             if finished_returns:
-                bar.set_postfix(episodes=len(finished_returns), mean_return=f"{np.mean(finished_returns):.1f}",
-                                refresh=False)
+                bar.set_postfix(
+                    episodes=len(finished_returns), mean_return=f"{np.mean(finished_returns):.1f}", refresh=False
+                )
     envs.close()
 
     # Arrays are [step, env]; each transition's episode is identified by the step at which it ends (num_steps
@@ -500,9 +533,12 @@ def collect(env_id: str, act: Callable[[np.ndarray], np.ndarray], num_transition
 
     actions = flat["actions"].astype(np.int64 if flat["actions"].ndim == 1 else np.float32)
     arrays = {
-        "observations": flat["observations"].astype(np.float32), "actions": actions, "rewards": rewards,
+        "observations": flat["observations"].astype(np.float32),
+        "actions": actions,
+        "rewards": rewards,
         "next_observations": flat["next_observations"].astype(np.float32),
-        "terminations": flat["terminations"].astype(bool), "truncations": truncations.astype(bool),
+        "terminations": flat["terminations"].astype(bool),
+        "truncations": truncations.astype(bool),
         "episode_returns": episode_returns,
     }
     return arrays
@@ -533,20 +569,26 @@ def load_agent(source: AgentSource, env_id: str, loaded: dict[str, Agent]) -> Ag
         if trained_on is not None and current_env_id(trained_on) != env_id:
             print(f"warning: {source.name} was trained on {trained_on}, not on {env_id}")
         elif trained_on is not None and trained_on != env_id:
-            print(f"{source.name} was trained on {trained_on}, which today's gymnasium replaces by {env_id}: "
-                  "running it there")
+            print(
+                f"{source.name} was trained on {trained_on}, which today's gymnasium replaces by {env_id}: "
+                "running it there"
+            )
     return loaded[source.name]
 
 
 def measure_reference_returns(
-    env_id: str, action_space: gym.Space, reference_source: Optional[AgentSource], loaded: dict[str, Agent],
+    env_id: str,
+    action_space: gym.Space,
+    reference_source: Optional[AgentSource],
+    loaded: dict[str, Agent],
     episodes: int,
 ) -> dict[str, Any]:
     """Mean returns of a uniform random policy and of the deterministic expert, on the same seeded episodes."""
     seeds = [REFERENCE_SEED + i for i in range(episodes)]
     rng = np.random.default_rng(REFERENCE_SEED)
     random_returns = run_episodes(
-        env_id, lambda observations: uniform_actions(action_space, rng, len(observations)), seeds)
+        env_id, lambda observations: uniform_actions(action_space, rng, len(observations)), seeds
+    )
     expert_returns = None
     if reference_source is None:
         print(f"no expert agent for {env_id}: the expert reference return is left empty (give --reference-repo-id)")
@@ -559,8 +601,10 @@ def measure_reference_returns(
                 f"name another agent for it with --reference-repo-id or --reference-agent-path)"
             ) from None
         expert_returns = run_episodes(env_id, reference_agent.act, seeds)
-        print(f"reference returns over {episodes} episodes: random {random_returns.mean():.1f}, "
-              f"expert ({reference_source.name}) {expert_returns.mean():.1f} +- {expert_returns.std():.1f}")
+        print(
+            f"reference returns over {episodes} episodes: random {random_returns.mean():.1f}, "
+            f"expert ({reference_source.name}) {expert_returns.mean():.1f} +- {expert_returns.std():.1f}"
+        )
     return {
         "random": float(random_returns.mean()),
         "expert": None if expert_returns is None else float(expert_returns.mean()),
@@ -610,7 +654,8 @@ def main() -> None:
     else:
         reference_source = agent_source(args.env_id, None, None, None) or collecting_source
     reference_returns = measure_reference_returns(
-        args.env_id, action_space, reference_source, loaded, args.reference_episodes)
+        args.env_id, action_space, reference_source, loaded, args.reference_episodes
+    )
 
     start = time.time()
     arrays = collect(args.env_id, act, args.num_transitions, args.num_envs, args.seed)
@@ -638,8 +683,10 @@ def main() -> None:
     save_dataset(output, arrays, metadata, args.overwrite)
     returns = arrays["episode_returns"]
     mean_return = f"{returns.mean():.1f} +- {returns.std():.1f}" if len(returns) else "n/a (no complete episode)"
-    print(f"wrote {output}: {len(arrays['rewards'])} transitions, {len(returns)} complete episodes, "
-          f"mean return {mean_return}, collected in {collection_seconds:.1f} s")
+    print(
+        f"wrote {output}: {len(arrays['rewards'])} transitions, {len(returns)} complete episodes, "
+        f"mean return {mean_return}, collected in {collection_seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,23 @@ import gymnasium as gym
 import numpy as np
 
 ARRAY_KEYS = (
-    "observations", "actions", "rewards", "next_observations", "terminations", "truncations", "episode_returns",
+    "observations",
+    "actions",
+    "rewards",
+    "next_observations",
+    "terminations",
+    "truncations",
+    "episode_returns",
 )
 REQUIRED_METADATA = (
-    "env_id", "policy", "agent", "noise", "seed", "num_transitions", "gymnasium_version", "created_by",
+    "env_id",
+    "policy",
+    "agent",
+    "noise",
+    "seed",
+    "num_transitions",
+    "gymnasium_version",
+    "created_by",
     "reference_returns",
 )
 
@@ -92,8 +105,12 @@ def check_dataset(arrays: dict[str, np.ndarray], metadata: dict[str, Any], sourc
         raise DatasetError(f"{source}: metadata lacks {', '.join(missing_metadata)}")
     num = len(arrays["rewards"])
     expected = {
-        "observations": (np.float32, 2), "next_observations": (np.float32, 2), "rewards": (np.float32, 1),
-        "terminations": (np.bool_, 1), "truncations": (np.bool_, 1), "episode_returns": (np.float32, 1),
+        "observations": (np.float32, 2),
+        "next_observations": (np.float32, 2),
+        "rewards": (np.float32, 1),
+        "terminations": (np.bool_, 1),
+        "truncations": (np.bool_, 1),
+        "episode_returns": (np.float32, 1),
     }
     for key, (dtype, ndim) in expected.items():
         if arrays[key].dtype != dtype or arrays[key].ndim != ndim:
@@ -110,8 +127,10 @@ def check_dataset(arrays: dict[str, np.ndarray], metadata: dict[str, Any], sourc
         if len(arrays[key]) != num:
             raise DatasetError(f"{source}: {key} has {len(arrays[key])} rows but rewards has {num}")
     if arrays["observations"].shape != arrays["next_observations"].shape:
-        raise DatasetError(f"{source}: observations {arrays['observations'].shape} "
-                           f"!= next_observations {arrays['next_observations'].shape}")
+        raise DatasetError(
+            f"{source}: observations {arrays['observations'].shape} "
+            f"!= next_observations {arrays['next_observations'].shape}"
+        )
 
 
 def process_alive(pid: int) -> bool:
@@ -160,8 +179,9 @@ def save_dataset(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, 
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(file, **{key: arrays[key] for key in ARRAY_KEYS},
-                                metadata=np.array(json.dumps(metadata)))
+            np.savez_compressed(
+                file, **{key: arrays[key] for key in ARRAY_KEYS}, metadata=np.array(json.dumps(metadata))
+            )
             file.flush()
             os.fchmod(file.fileno(), umask_file_mode())
             os.fsync(file.fileno())

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
-
 from dataset_io import DatasetError, exit_on_dataset_error, load_dataset
 
 
@@ -26,13 +25,23 @@ def describe(path: Path) -> str:
     mean_return = f"{returns.mean():.1f} ± {returns.std():.1f}" if len(returns) else "n/a"
     reference = metadata["reference_returns"]
     expert = "n/a" if reference["expert"] is None else f"{reference['expert']:.1f}"
-    score = "n/a" if not len(returns) or reference["expert"] is None else \
-        f"{100 * (returns.mean() - reference['random']) / (reference['expert'] - reference['random']):.1f}"
+    score = (
+        "n/a"
+        if not len(returns) or reference["expert"] is None
+        else f"{100 * (returns.mean() - reference['random']) / (reference['expert'] - reference['random']):.1f}"
+    )
     seconds = metadata.get("collection_seconds")
     cells = [
-        f"`{path.name}`", metadata["env_id"], metadata["policy"],
+        f"`{path.name}`",
+        metadata["env_id"],
+        metadata["policy"],
         f"`{metadata['agent']}`" if metadata["agent"] else "-",
-        f"{metadata['num_transitions']:,}", str(len(returns)), mean_return, score, f"{reference['random']:.1f}", expert,
+        f"{metadata['num_transitions']:,}",
+        str(len(returns)),
+        mean_return,
+        score,
+        f"{reference['random']:.1f}",
+        expert,
         "-" if seconds is None else f"{seconds:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -43,8 +52,10 @@ def main() -> None:
     if not args.paths:
         raise DatasetError("give one or more dataset files, e.g. datasets/*/*.npz")
     rows = [describe(path) for path in args.paths]
-    print("| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. "
-          "| expert ref. | collection (s) |")
+    print(
+        "| file | env | policy | agent | transitions | episodes | mean return | normalised | random ref. "
+        "| expert ref. | collection (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -28,7 +28,6 @@ from typing import Annotated, Optional
 import gymnasium as gym
 import numpy as np
 import tyro
-
 from collect_dataset import make_env_checked
 from dataset_io import DatasetError, exit_on_dataset_error, load_dataset
 from import_minari import check_dataset_id, require_minari
@@ -80,28 +79,31 @@ def episode_buffers(arrays: dict[str, np.ndarray], starts: np.ndarray, ends: np.
     buffers = []
     for index, (start, end) in enumerate(zip(starts, ends)):
         steps = slice(start, end + 1)
-        observations = np.concatenate([arrays["observations"][steps], arrays["next_observations"][end:end + 1]])
+        observations = np.concatenate([arrays["observations"][steps], arrays["next_observations"][end : end + 1]])
         truncations = arrays["truncations"][steps].copy()
         truncations[-1] |= not arrays["terminations"][end]  # the cut last episode, if any
-        buffers.append(EpisodeBuffer(
-            id=index,
-            # Stored in the env's own dtypes (float64 for MuJoCo), as Minari's DataCollector would: lossless.
-            observations=observations.astype(env.observation_space.dtype),
-            actions=arrays["actions"][steps].astype(env.action_space.dtype),
-            rewards=arrays["rewards"][steps],
-            terminations=arrays["terminations"][steps],
-            truncations=truncations,
-        ))
+        buffers.append(
+            EpisodeBuffer(
+                id=index,
+                # Stored in the env's own dtypes (float64 for MuJoCo), as Minari's DataCollector would: lossless.
+                observations=observations.astype(env.observation_space.dtype),
+                actions=arrays["actions"][steps].astype(env.action_space.dtype),
+                rewards=arrays["rewards"][steps],
+                terminations=arrays["terminations"][steps],
+                truncations=truncations,
+            )
+        )
     return buffers
 
 
 def check_fits_env(arrays: dict[str, np.ndarray], env: gym.Env, env_id: str, path: Path) -> None:
     observation_shape, actions = arrays["observations"].shape[1:], arrays["actions"]
     space = env.action_space
-    fits = (
-        observation_shape == env.observation_space.shape
-        and (isinstance(space, gym.spaces.Discrete) and actions.ndim == 1
-             or isinstance(space, gym.spaces.Box) and actions.shape[1:] == space.shape)
+    fits = observation_shape == env.observation_space.shape and (
+        isinstance(space, gym.spaces.Discrete)
+        and actions.ndim == 1
+        or isinstance(space, gym.spaces.Box)
+        and actions.shape[1:] == space.shape
     )
     if not fits:
         raise DatasetError(
@@ -180,17 +182,26 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=EMPTY_FIELD_WARNINGS)
             minari.create_dataset_from_buffers(
-                dataset_id=args.dataset_id, buffer=buffers, env=gym.spec(env_id),
-                algorithm_name=f"{metadata['policy']}{agent}", author=args.author, author_email=args.author_email,
-                code_permalink=args.code_permalink, description=description,
-                ref_min_score=ref_min, ref_max_score=ref_max, num_episodes_average_score=episodes,
+                dataset_id=args.dataset_id,
+                buffer=buffers,
+                env=gym.spec(env_id),
+                algorithm_name=f"{metadata['policy']}{agent}",
+                author=args.author,
+                author_email=args.author_email,
+                code_permalink=args.code_permalink,
+                description=description,
+                ref_min_score=ref_min,
+                ref_max_score=ref_max,
+                num_episodes_average_score=episodes,
             )
 
     folder = create_in_place(get_dataset_path(), args.dataset_id, args.overwrite, create)
     if cut:
         print(f"the last transition of {args.dataset} ends no episode: exported as a truncation")
-    print(f"wrote Minari dataset {args.dataset_id} to {folder}: {len(arrays['rewards'])} steps in {len(buffers)} "
-          f"episodes; load it with minari.load_dataset({args.dataset_id!r})")
+    print(
+        f"wrote Minari dataset {args.dataset_id} to {folder}: {len(arrays['rewards'])} steps in {len(buffers)} "
+        f"episodes; load it with minari.load_dataset({args.dataset_id!r})"
+    )
 
 
 if __name__ == "__main__":

@@ -36,18 +36,33 @@ from typing import Annotated, Any, Optional
 import gymnasium as gym
 import numpy as np
 import tyro
-from tqdm import tqdm
-
 from collect_dataset import agent_source, current_env_id, make_env_checked, measure_reference_returns, same_action_space
 from dataset_io import (
-    DatasetError, default_dataset_path, describe_space, exit_on_dataset_error, prepare_output, save_dataset,
+    DatasetError,
+    default_dataset_path,
+    describe_space,
+    exit_on_dataset_error,
+    prepare_output,
+    save_dataset,
 )
+from tqdm import tqdm
 
 ID_EXAMPLE = "mujoco/hopper/medium-v0"
 # What the Minari metadata says about where the data came from; kept in our metadata under "minari".
 SOURCE_KEYS = (
-    "dataset_id", "author", "author_email", "algorithm_name", "code_permalink", "description", "requirements",
-    "minari_version", "total_episodes", "total_steps", "ref_min_score", "ref_max_score", "num_episodes_average_score",
+    "dataset_id",
+    "author",
+    "author_email",
+    "algorithm_name",
+    "code_permalink",
+    "description",
+    "requirements",
+    "minari_version",
+    "total_episodes",
+    "total_steps",
+    "ref_min_score",
+    "ref_max_score",
+    "num_episodes_average_score",
 )
 
 
@@ -127,8 +142,14 @@ def open_minari_dataset(minari: ModuleType, dataset_id: str, download: bool):
 
 def jsonable(value: Any) -> Any:
     """Minari metadata holds sets (authors) and numpy scalars; our metadata is strict JSON."""
-    return json.loads(json.dumps(value, default=lambda item: item.item() if isinstance(item, np.generic)
-                                 else sorted(item) if isinstance(item, set) else str(item)))
+    return json.loads(
+        json.dumps(
+            value,
+            default=lambda item: (
+                item.item() if isinstance(item, np.generic) else sorted(item) if isinstance(item, set) else str(item)
+            ),
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- spaces and env
@@ -178,8 +199,10 @@ def resolve_env(dataset, requested: Optional[str]) -> tuple[str, gym.Env]:
                     f"{error} (the env of Minari dataset {dataset.id}{needs}); or name another env with --env-id"
                 ) from None
         elif current_env_id(original) != original:
-            print(f"{original} still exists in gymnasium {gym.__version__}, so the dataset keeps it; pass "
-                  f"--env-id {current_env_id(original)} to evaluate on today's version instead")
+            print(
+                f"{original} still exists in gymnasium {gym.__version__}, so the dataset keeps it; pass "
+                f"--env-id {current_env_id(original)} to evaluate on today's version instead"
+            )
     data_observation, data_action = describe_space(dataset.observation_space), describe_space(dataset.action_space)
     env_observation, env_action = describe_space(env.observation_space), describe_space(env.action_space)
     if data_observation.get("shape") != env_observation.get("shape") or not same_action_space(data_action, env_action):
@@ -190,16 +213,20 @@ def resolve_env(dataset, requested: Optional[str]) -> tuple[str, gym.Env]:
             f"actions {env.action_space}"
         )
     if env_id != original and requested is None:
-        print(f"{dataset.id} was collected on {original}, which gymnasium {gym.__version__} replaces by {env_id}: "
-              f"recording {env_id} (the spaces agree)")
+        print(
+            f"{dataset.id} was collected on {original}, which gymnasium {gym.__version__} replaces by {env_id}: "
+            f"recording {env_id} (the spaces agree)"
+        )
     if dataset.env_spec is not None:
         # Our format records only the env id: evaluation makes it with the registered arguments and time limit.
         recorded = {key: value for key, value in dataset.env_spec.kwargs.items() if key != "render_mode"}
         registered = gym.spec(env_id)
         if recorded != registered.kwargs or dataset.env_spec.max_episode_steps != registered.max_episode_steps:
-            print(f"warning: {dataset.id} was collected with {original}(**{recorded}, max_episode_steps="
-                  f"{dataset.env_spec.max_episode_steps}); evaluation will use gym.make({env_id!r}) "
-                  f"(max_episode_steps={registered.max_episode_steps})")
+            print(
+                f"warning: {dataset.id} was collected with {original}(**{recorded}, max_episode_steps="
+                f"{dataset.env_spec.max_episode_steps}); evaluation will use gym.make({env_id!r}) "
+                f"(max_episode_steps={registered.max_episode_steps})"
+            )
     return env_id, env
 
 
@@ -209,15 +236,19 @@ def reference_returns(dataset, env_id: str, action_space: gym.Space, args: Args)
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if ref_min is not None and ref_max is not None:
         return {
-            "random": float(ref_min), "expert": float(ref_max), "expert_agent": f"{dataset.id} (ref_max_score)",
+            "random": float(ref_min),
+            "expert": float(ref_max),
+            "expert_agent": f"{dataset.id} (ref_max_score)",
             "episodes": metadata.get("num_episodes_average_score"),
             "source": "ref_min_score and ref_max_score of the Minari dataset",
             "measured_on": dataset.env_spec.id if dataset.env_spec is not None else None,
         }
     box = isinstance(action_space, gym.spaces.Box)
     if box and not np.all(np.isfinite(action_space.low) & np.isfinite(action_space.high)):
-        print(f"{dataset.id} has no reference scores and {env_id} has unbounded actions, so no uniform random policy: "
-              f"the reference returns are left empty (no normalised score)")
+        print(
+            f"{dataset.id} has no reference scores and {env_id} has unbounded actions, so no uniform random policy: "
+            f"the reference returns are left empty (no normalised score)"
+        )
         return {"random": None, "expert": None, "expert_agent": None, "episodes": 0, "seeds": None}
     source = None
     if args.reference_repo_id is not None or args.reference_agent_path is not None:
@@ -241,8 +272,13 @@ def episodes_to_transitions(dataset, discrete: bool) -> tuple[dict[str, np.ndarr
     terminations, truncations = np.zeros(total, bool), np.zeros(total, bool)
     episode_end = np.zeros(total, bool)
     stop = 0
-    episodes = tqdm(dataset.iterate_episodes(), total=dataset.total_episodes, desc=f"reading {dataset.id}",
-                    unit="episodes", mininterval=1.0)
+    episodes = tqdm(
+        dataset.iterate_episodes(),
+        total=dataset.total_episodes,
+        desc=f"reading {dataset.id}",
+        unit="episodes",
+        mininterval=1.0,
+    )
     for episode in episodes:
         length = len(episode.rewards)
         episode_observations = np.asarray(episode.observations)
@@ -266,8 +302,14 @@ def episodes_to_transitions(dataset, discrete: bool) -> tuple[dict[str, np.ndarr
         episode_end[stop - 1] = True
     if stop == 0:
         raise DatasetError(f"Minari dataset {dataset.id} holds no steps")
-    arrays = {"observations": observations, "actions": actions, "rewards": rewards,
-              "next_observations": next_observations, "terminations": terminations, "truncations": truncations}
+    arrays = {
+        "observations": observations,
+        "actions": actions,
+        "rewards": rewards,
+        "next_observations": next_observations,
+        "terminations": terminations,
+        "truncations": truncations,
+    }
     arrays = {key: value[:stop] for key, value in arrays.items()}
     episode_end = episode_end[:stop]
 
@@ -280,8 +322,11 @@ def episodes_to_transitions(dataset, discrete: bool) -> tuple[dict[str, np.ndarr
     arrays["episode_returns"] = piece_returns[done[ends]].astype(np.float32)
     unfinished = episode_end & ~done
     arrays["truncations"] = arrays["truncations"] | unfinished
-    counts = {"episodes": int(episode_end.sum()), "unfinished": int(unfinished.sum()),
-              "flags_before_end": int((done & ~episode_end).sum())}
+    counts = {
+        "episodes": int(episode_end.sum()),
+        "unfinished": int(unfinished.sum()),
+        "flags_before_end": int((done & ~episode_end).sum()),
+    }
     return arrays, counts
 
 
@@ -302,19 +347,26 @@ def main() -> None:
     references = reference_returns(dataset, env_id, env.action_space, args)
     arrays, counts = episodes_to_transitions(dataset, isinstance(action_space, gym.spaces.Discrete))
     if counts["unfinished"]:
-        print(f"{counts['unfinished']} of {counts['episodes']} Minari episodes end with neither a termination nor a "
-              f"truncation: their last step is marked truncated (targets bootstrap there) and their returns are not "
-              f"in episode_returns")
+        print(
+            f"{counts['unfinished']} of {counts['episodes']} Minari episodes end with neither a termination nor a "
+            f"truncation: their last step is marked truncated (targets bootstrap there) and their returns are not "
+            f"in episode_returns"
+        )
     if counts["flags_before_end"]:
-        print(f"warning: {counts['flags_before_end']} steps are terminated or truncated before the end of their "
-              f"Minari episode; kept as they are, so each ends an episode in the output")
+        print(
+            f"warning: {counts['flags_before_end']} steps are terminated or truncated before the end of their "
+            f"Minari episode; kept as they are, so each ends an episode in the output"
+        )
 
     raw = dataset.storage.metadata
     source = {key: jsonable(raw[key]) for key in SOURCE_KEYS if raw.get(key) is not None}
     source["dataset_id"] = dataset.id
     if dataset.env_spec is not None:
-        source["env_spec"] = {"id": dataset.env_spec.id, "kwargs": jsonable(dataset.env_spec.kwargs),
-                              "max_episode_steps": dataset.env_spec.max_episode_steps}
+        source["env_spec"] = {
+            "id": dataset.env_spec.id,
+            "kwargs": jsonable(dataset.env_spec.kwargs),
+            "max_episode_steps": dataset.env_spec.max_episode_steps,
+        }
     if raw.get("eval_env_spec") is not None:  # a JSON EnvSpec, set when evaluation is meant to use another env
         source["eval_env_id"] = json.loads(raw["eval_env_spec"]).get("id")
     metadata = {
@@ -337,8 +389,10 @@ def main() -> None:
     save_dataset(output, arrays, metadata, args.overwrite)
     returns = arrays["episode_returns"]
     mean_return = f"{returns.mean():.1f} +- {returns.std():.1f}" if len(returns) else "n/a (no complete episode)"
-    print(f"wrote {output}: {len(arrays['rewards'])} transitions from {counts['episodes']} Minari episodes of "
-          f"{dataset.id}, {len(returns)} complete episodes, mean return {mean_return}")
+    print(
+        f"wrote {output}: {len(arrays['rewards'])} transitions from {counts['episodes']} Minari episodes of "
+        f"{dataset.id}, {len(returns)} complete episodes, mean return {mean_return}"
+    )
 
 
 if __name__ == "__main__":

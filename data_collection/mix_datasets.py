@@ -21,9 +21,14 @@ from typing import Optional
 import gymnasium
 import numpy as np
 import tyro
-
 from dataset_io import (
-    ARRAY_KEYS, DatasetError, default_dataset_path, exit_on_dataset_error, load_dataset, prepare_output, save_dataset,
+    ARRAY_KEYS,
+    DatasetError,
+    default_dataset_path,
+    exit_on_dataset_error,
+    load_dataset,
+    prepare_output,
+    save_dataset,
 )
 
 
@@ -55,18 +60,21 @@ def mix(datasets: list[tuple[dict[str, np.ndarray], dict]], names: list[str], re
     first_arrays, first_metadata = datasets[0]
     for (arrays, metadata), name in zip(datasets[1:], names[1:]):
         if metadata["env_id"] != first_metadata["env_id"]:
-            raise DatasetError(f"{names[0]} is {first_metadata['env_id']} but {name} is {metadata['env_id']}: "
-                               f"mix datasets of one env")
+            raise DatasetError(
+                f"{names[0]} is {first_metadata['env_id']} but {name} is {metadata['env_id']}: mix datasets of one env"
+            )
         expected, found = spaces_of(first_arrays, first_metadata), spaces_of(arrays, metadata)
         if expected != found:
             raise DatasetError(f"spaces differ:\n  {names[0]}: {expected}\n  {name}: {found}")
     references = [metadata["reference_returns"] for _, metadata in datasets]
     if reference_from is None:
         if any(reference != references[0] for reference in references[1:]):
-            listing = "\n".join(f"  [{index}] {name}: {reference}"
-                                for index, (name, reference) in enumerate(zip(names, references)))
+            listing = "\n".join(
+                f"  [{index}] {name}: {reference}" for index, (name, reference) in enumerate(zip(names, references))
+            )
             raise DatasetError(
-                f"the inputs' reference returns differ; choose one with --reference-from INDEX:\n{listing}")
+                f"the inputs' reference returns differ; choose one with --reference-from INDEX:\n{listing}"
+            )
         reference_from = 0
     if not 0 <= reference_from < len(datasets):
         raise DatasetError(f"--reference-from must be between 0 and {len(datasets) - 1}")
@@ -102,8 +110,10 @@ def main() -> None:
     save_dataset(output, arrays, metadata, args.overwrite)
     returns = arrays["episode_returns"]
     mean_return = f"{returns.mean():.1f}" if len(returns) else "n/a (no complete episode)"
-    print(f"wrote {output}: {len(arrays['rewards'])} transitions from {len(datasets)} datasets, "
-          f"{len(returns)} complete episodes, mean return {mean_return}")
+    print(
+        f"wrote {output}: {len(arrays['rewards'])} transitions from {len(datasets)} datasets, "
+        f"{len(returns)} complete episodes, mean return {mean_return}"
+    )
 
 
 if __name__ == "__main__":

@@ -83,41 +83,120 @@ class Case:
     target_ratio: float
 
 
-LUNAR, BIPEDAL, HOPPER = (f"datasets/{env}/expert.npz"
-                           for env in ("LunarLander-v3", "BipedalWalker-v3", "Hopper-v5"))
-CQL_SAC_D3RLPY = {"batch_size": 256, "cql_alpha": 20.0, "lagrange": False, "target_action_gap": 10.0,
-                  "alpha_lr": 3e-4}
+LUNAR, BIPEDAL, HOPPER = (f"datasets/{env}/expert.npz" for env in ("LunarLander-v3", "BipedalWalker-v3", "Hopper-v5"))
+CQL_SAC_D3RLPY = {"batch_size": 256, "cql_alpha": 20.0, "lagrange": False, "target_action_gap": 10.0, "alpha_lr": 3e-4}
 CASES = [
-    Case("CQL-DQN, defaults (256-256, batch 64)", "algorithms/cql_discrete_lunarlander.py", [], LUNAR, "DiscreteCQL",
-         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 1e-3, "cql_alpha": 1.0,
-          "target_update_interval": 1000},
-         3000, 3.0),
-    Case("discrete BCQ, defaults (256-256, batch 64, separate Q and imitation networks)", "algorithms/bcq_discrete.py",
-         [], LUNAR, "DiscreteBCQ",
-         {"hidden": [256, 256], "batch_size": 64, "learning_rate": 3e-4, "threshold": 0.3,
-          "target_update_interval": 1000, "shared_trunk": False}, 2000, 3.0),
-    Case("BCQ, defaults = paper (VAE 750-750, actor and critics 400-300, batch 100, 10 samples)",
-         "algorithms/bcq_continuous.py", [], BIPEDAL, "BCQ",
-         {"batch_size": 100, "actor_hidden": [400, 300], "critic_hidden": [400, 300], "vae_hidden": [750, 750],
-          "target_samples": 10, "lmbda": 0.75, "phi": 0.05}, 120, 1.0),
+    Case(
+        "CQL-DQN, defaults (256-256, batch 64)",
+        "algorithms/cql_discrete_lunarlander.py",
+        [],
+        LUNAR,
+        "DiscreteCQL",
+        {
+            "hidden": [256, 256],
+            "batch_size": 64,
+            "learning_rate": 1e-3,
+            "cql_alpha": 1.0,
+            "target_update_interval": 1000,
+        },
+        3000,
+        3.0,
+    ),
+    Case(
+        "discrete BCQ, defaults (256-256, batch 64, separate Q and imitation networks)",
+        "algorithms/bcq_discrete.py",
+        [],
+        LUNAR,
+        "DiscreteBCQ",
+        {
+            "hidden": [256, 256],
+            "batch_size": 64,
+            "learning_rate": 3e-4,
+            "threshold": 0.3,
+            "target_update_interval": 1000,
+            "shared_trunk": False,
+        },
+        2000,
+        3.0,
+    ),
+    Case(
+        "BCQ, defaults = paper (VAE 750-750, actor and critics 400-300, batch 100, 10 samples)",
+        "algorithms/bcq_continuous.py",
+        [],
+        BIPEDAL,
+        "BCQ",
+        {
+            "batch_size": 100,
+            "actor_hidden": [400, 300],
+            "critic_hidden": [400, 300],
+            "vae_hidden": [750, 750],
+            "target_samples": 10,
+            "lmbda": 0.75,
+            "phi": 0.05,
+        },
+        120,
+        1.0,
+    ),
     # --bc-steps 0: the timed steps are CQL steps, as d3rlpy's; behaviour-cloning steps are cheaper. d3rlpy
     # estimates the log-sum-exp on every state of the batch, hence --cql-states 256 for matched settings.
-    Case("CQL-SAC, defaults' networks (256-256, batch 256, 10 samples of each kind)",
-         "algorithms/cql_sac_continuous.py", ["--bc-steps", "0", "--cql-states", "256"], HOPPER, "CQL",
-         {**CQL_SAC_D3RLPY, "hidden": [256, 256], "num_random": 10}, 60, 1.0),
-    Case("CQL-SAC, paper (3x256, batch 256, 10 samples of each kind)", "algorithms/cql_sac_continuous.py",
-         ["--bc-steps", "0", "--num-layers", "3", "--num-random", "10", "--cql-states", "256"], HOPPER, "CQL",
-         {**CQL_SAC_D3RLPY, "hidden": [256, 256, 256], "num_random": 10}, 50, 1.0),
+    Case(
+        "CQL-SAC, defaults' networks (256-256, batch 256, 10 samples of each kind)",
+        "algorithms/cql_sac_continuous.py",
+        ["--bc-steps", "0", "--cql-states", "256"],
+        HOPPER,
+        "CQL",
+        {**CQL_SAC_D3RLPY, "hidden": [256, 256], "num_random": 10},
+        60,
+        1.0,
+    ),
+    Case(
+        "CQL-SAC, paper (3x256, batch 256, 10 samples of each kind)",
+        "algorithms/cql_sac_continuous.py",
+        ["--bc-steps", "0", "--num-layers", "3", "--num-random", "10", "--cql-states", "256"],
+        HOPPER,
+        "CQL",
+        {**CQL_SAC_D3RLPY, "hidden": [256, 256, 256], "num_random": 10},
+        50,
+        1.0,
+    ),
     # alpha only scales a term of the actor's loss: the update's arithmetic is the same at any alpha.
-    Case("TD3+BC, defaults (256-256, batch 256, the actor every 2 critic updates)", "algorithms/td3_bc.py", [],
-         HOPPER, "TD3PlusBC",
-         {"hidden": [256, 256], "batch_size": 256, "alpha": 1.0, "policy_noise": 0.2, "noise_clip": 0.5,
-          "policy_freq": 2}, 1500, 2.0),
-    Case("IQL, defaults = paper (256-256, batch 256, twin critics, a value network)", "algorithms/iql.py", [], HOPPER,
-         "IQL", {"hidden": [256, 256], "batch_size": 256, "expectile": 0.7, "beta": 3.0, "max_weight": 100.0},
-         1500, 2.0),
-    Case("BC, defaults on Box actions (256-256, batch 256, squared error)", "algorithms/bc.py", [], HOPPER,
-         "BC", {"hidden": [256, 256], "batch_size": 256, "learning_rate": 1e-3}, 3000, 1.0),
+    Case(
+        "TD3+BC, defaults (256-256, batch 256, the actor every 2 critic updates)",
+        "algorithms/td3_bc.py",
+        [],
+        HOPPER,
+        "TD3PlusBC",
+        {
+            "hidden": [256, 256],
+            "batch_size": 256,
+            "alpha": 1.0,
+            "policy_noise": 0.2,
+            "noise_clip": 0.5,
+            "policy_freq": 2,
+        },
+        1500,
+        2.0,
+    ),
+    Case(
+        "IQL, defaults = paper (256-256, batch 256, twin critics, a value network)",
+        "algorithms/iql.py",
+        [],
+        HOPPER,
+        "IQL",
+        {"hidden": [256, 256], "batch_size": 256, "expectile": 0.7, "beta": 3.0, "max_weight": 100.0},
+        1500,
+        2.0,
+    ),
+    Case(
+        "BC, defaults on Box actions (256-256, batch 256, squared error)",
+        "algorithms/bc.py",
+        [],
+        HOPPER,
+        "BC",
+        {"hidden": [256, 256], "batch_size": 256, "learning_rate": 1e-3},
+        3000,
+        1.0,
+    ),
 ]
 FLOP_TARGET = 0.6  # share of the fp32 limit aimed at for the two compute-bound continuous updates
 COLLECTOR_ENVS = ("LunarLander-v3", "Hopper-v5")
@@ -129,8 +208,10 @@ def run(command: list, cwd: Path, env: Optional[dict] = None) -> str:
     """Run a command; on failure stop with its output."""
     result = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"error: this command failed (exit {result.returncode}):\n  {shlex.join(map(str, command))}\n"
-                         f"{result.stdout[-2000:]}{result.stderr[-3000:]}")
+        raise SystemExit(
+            f"error: this command failed (exit {result.returncode}):\n  {shlex.join(map(str, command))}\n"
+            f"{result.stdout[-2000:]}{result.stderr[-3000:]}"
+        )
     return result.stdout
 
 
@@ -146,16 +227,44 @@ def ensure_d3rlpy(venv: Path) -> Path:
 
 def ours_updates_per_second(case: Case, threads: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
-        run([sys.executable, ROOT / case.script, "--dataset", ROOT / case.dataset, "--total-steps", steps,
-             "--eval-freq", steps, "--eval-episodes", 1, "--no-save-model", "--threads", threads, *case.flags],
-            Path(folder))
+        run(
+            [
+                sys.executable,
+                ROOT / case.script,
+                "--dataset",
+                ROOT / case.dataset,
+                "--total-steps",
+                steps,
+                "--eval-freq",
+                steps,
+                "--eval-episodes",
+                1,
+                "--no-save-model",
+                "--threads",
+                threads,
+                *case.flags,
+            ],
+            Path(folder),
+        )
         (summary,) = Path(folder).glob("runs/*/summary.json")
         return json.loads(summary.read_text())["updates_per_second"]
 
 
 def d3rlpy_command(case: Case, python: Path, threads: int, steps: int) -> list:
-    return [python, ROOT / "results" / "d3rlpy_speed.py", "--algo", case.d3rlpy_algo, "--dataset", ROOT / case.dataset,
-            "--steps", steps, "--threads", threads, "--settings", json.dumps(case.d3rlpy_settings)]
+    return [
+        python,
+        ROOT / "results" / "d3rlpy_speed.py",
+        "--algo",
+        case.d3rlpy_algo,
+        "--dataset",
+        ROOT / case.dataset,
+        "--steps",
+        steps,
+        "--threads",
+        threads,
+        "--settings",
+        json.dumps(case.d3rlpy_settings),
+    ]
 
 
 def d3rlpy_updates_per_second(case: Case, python: Path, threads: int, steps: int) -> float:
@@ -169,14 +278,45 @@ def flops_per_update(case: Case, d3rlpy_python: Path) -> tuple[float, float]:
     updates, counter = 10, ROOT / "results" / "count_flops.py"
     uneven = ["--uneven"] if case.d3rlpy_algo == "TD3PlusBC" else []  # the actor moves every other update
     with tempfile.TemporaryDirectory() as folder:
-        ours = run([sys.executable, counter, "--updates", updates, *uneven, "--", ROOT / case.script,
-                    "--dataset", ROOT / case.dataset, "--total-steps", updates, "--eval-freq", updates,
-                    "--eval-episodes", 1, "--no-save-model", *case.flags], Path(folder))
+        ours = run(
+            [
+                sys.executable,
+                counter,
+                "--updates",
+                updates,
+                *uneven,
+                "--",
+                ROOT / case.script,
+                "--dataset",
+                ROOT / case.dataset,
+                "--total-steps",
+                updates,
+                "--eval-freq",
+                updates,
+                "--eval-episodes",
+                1,
+                "--no-save-model",
+                *case.flags,
+            ],
+            Path(folder),
+        )
         # d3rlpy_speed.py makes a warm-up fit of min(20, steps) updates before the timed one.
-        theirs = run([d3rlpy_python, counter, "--updates", 2 * updates, *uneven, "--",
-                      *d3rlpy_command(case, d3rlpy_python, 1, updates)[1:]], Path(folder))
-    return (json.loads(ours.splitlines()[-1])["flops_per_update"],
-            json.loads(theirs.splitlines()[-1])["flops_per_update"])
+        theirs = run(
+            [
+                d3rlpy_python,
+                counter,
+                "--updates",
+                2 * updates,
+                *uneven,
+                "--",
+                *d3rlpy_command(case, d3rlpy_python, 1, updates)[1:],
+            ],
+            Path(folder),
+        )
+    return (
+        json.loads(ours.splitlines()[-1])["flops_per_update"],
+        json.loads(theirs.splitlines()[-1])["flops_per_update"],
+    )
 
 
 def matmul_peak(threads: int, dtype: torch.dtype, size: int) -> float:
@@ -196,9 +336,26 @@ def collector_transitions_per_second(env_id: str, num_envs: int, transitions: in
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache)}
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "dataset.npz"
-        run([sys.executable, ROOT / "data_collection" / "collect_dataset.py", "--env-id", env_id, "--policy", "expert",
-             "--num-transitions", transitions, "--num-envs", num_envs, "--reference-episodes", 1, "--output", output],
-            Path(folder), env)
+        run(
+            [
+                sys.executable,
+                ROOT / "data_collection" / "collect_dataset.py",
+                "--env-id",
+                env_id,
+                "--policy",
+                "expert",
+                "--num-transitions",
+                transitions,
+                "--num-envs",
+                num_envs,
+                "--reference-episodes",
+                1,
+                "--output",
+                output,
+            ],
+            Path(folder),
+            env,
+        )
         with np.load(output) as file:
             metadata = json.loads(str(file["metadata"]))
     return metadata["num_transitions"] / metadata["collection_seconds"]
@@ -243,9 +400,15 @@ def select_cases(args: Args) -> list[Case]:
         fail(f"no case's name starts with any of {list(args.only)}")
     missing = sorted({case.dataset for case in cases if not (ROOT / case.dataset).is_file()})
     if missing:
-        fail("missing datasets " + ", ".join(missing) + ". Build each with\n  " + "\n  ".join(
-            f"python data_collection/collect_dataset.py --env-id {Path(path).parent.name} --policy expert"
-            for path in missing))
+        fail(
+            "missing datasets "
+            + ", ".join(missing)
+            + ". Build each with\n  "
+            + "\n  ".join(
+                f"python data_collection/collect_dataset.py --env-id {Path(path).parent.name} --policy expert"
+                for path in missing
+            )
+        )
     return cases
 
 
@@ -260,11 +423,17 @@ def measure_cases(cases: list[Case], args: Args, d3rlpy_python: Path) -> dict[tu
                 steps = max(2, round(case.steps * args.step_scale))
                 first, second = ("ours", "d3rlpy") if round_index % 2 == 0 else ("d3rlpy", "ours")
                 for implementation in (first, second):
-                    value = (ours_updates_per_second(case, threads, steps) if implementation == "ours"
-                             else d3rlpy_updates_per_second(case, d3rlpy_python, threads, steps))
+                    value = (
+                        ours_updates_per_second(case, threads, steps)
+                        if implementation == "ours"
+                        else d3rlpy_updates_per_second(case, d3rlpy_python, threads, steps)
+                    )
                     speeds.setdefault((case.name, threads, implementation), []).append(value)
-                    print(f"round {round_index + 1}/{args.repeats}  {threads} thread(s)  {implementation:6s}  "
-                          f"{value:8.1f} updates/s  {case.name}", flush=True)
+                    print(
+                        f"round {round_index + 1}/{args.repeats}  {threads} thread(s)  {implementation:6s}  "
+                        f"{value:8.1f} updates/s  {case.name}",
+                        flush=True,
+                    )
     return speeds
 
 
@@ -285,8 +454,9 @@ def measure_collector(transitions: int, cache: Path) -> dict[tuple[str, int], fl
     for env_id in COLLECTOR_ENVS:
         for num_envs in (1, 8):
             collector[(env_id, num_envs)] = collector_transitions_per_second(env_id, num_envs, transitions, cache)
-            print(f"collector {env_id} num_envs {num_envs}: {collector[(env_id, num_envs)]:.0f} transitions/s",
-                  flush=True)
+            print(
+                f"collector {env_id} num_envs {num_envs}: {collector[(env_id, num_envs)]:.0f} transitions/s", flush=True
+            )
     return collector
 
 
@@ -295,8 +465,15 @@ def read_evaluation_shares(default_runs: Path) -> list[tuple[str, float, float, 
     shares = []
     for summary_path in sorted(default_runs.glob("*/summary.json")):
         summary = json.loads(summary_path.read_text())
-        shares.append((summary_path.parent.name, summary["eval_time_s"], summary["wall_time_s"],
-                       summary["updates_per_second"], summary["final_mean_return"]))
+        shares.append(
+            (
+                summary_path.parent.name,
+                summary["eval_time_s"],
+                summary["wall_time_s"],
+                summary["updates_per_second"],
+                summary["final_mean_return"],
+            )
+        )
     return shares
 
 
@@ -315,10 +492,12 @@ class Measurements:
 
 
 def header_lines(measured: Measurements) -> list[str]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "algorithms", "results"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "algorithms", "results"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     command = shlex.join(["python", "results/benchmark_speed.py", *sys.argv[1:]])
     minutes = (time.time() - measured.started) / 60
     return [
@@ -333,7 +512,9 @@ def header_lines(measured: Measurements) -> list[str]:
 
 def speed_lines(cases: list[Case], args: Args, speeds: dict[tuple[str, int, str], list[float]]) -> list[str]:
     lines = [
-        "", "## Gradient updates per second", "",
+        "",
+        "## Gradient updates per second",
+        "",
         f"Median of {args.repeats} runs each, ours and d3rlpy's alternating, on the 200k-transition expert datasets. "
         "Ours: the script from the command line, `updates_per_second` of its summary.json (evaluation left out). "
         "d3rlpy: `fit` with matched sizes (results/d3rlpy_speed.py), after a 20-update warm-up. "
@@ -345,8 +526,10 @@ def speed_lines(cases: list[Case], args: Args, speeds: dict[tuple[str, int, str]
     for case in cases:
         for threads in args.threads:
             ours, theirs = median(speeds[(case.name, threads, "ours")]), median(speeds[(case.name, threads, "d3rlpy")])
-            lines.append(f"| {case.name} | {threads} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | "
-                         f"{case.target_ratio}x | {'yes' if ours / theirs >= case.target_ratio else 'no'} |")
+            lines.append(
+                f"| {case.name} | {threads} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | "
+                f"{case.target_ratio}x | {'yes' if ours / theirs >= case.target_ratio else 'no'} |"
+            )
     lines += ["", "Each at its better thread count:", "", "| case | ours | d3rlpy | ratio |", "|---|---|---|---|"]
     for case in cases:
         best_ours = max(median(speeds[(case.name, t, "ours")]) for t in args.threads)
@@ -361,12 +544,16 @@ def speed_lines(cases: list[Case], args: Args, speeds: dict[tuple[str, int, str]
 
 def flops_lines(cases: list[Case], args: Args, measured: Measurements) -> list[str]:
     lines = [
-        "", "## FLOPs per update against the machine's limit", "",
+        "",
+        "## FLOPs per update against the machine's limit",
+        "",
         "FLOPs of one update counted by torch's FlopCounterMode (matrix products) between the ends of the first and "
         "the last of 10 updates (results/count_flops.py). Limit: the best of 5 fp32 2048x2048 matmuls at that "
-        "thread count. Equal FLOPs for ours and d3rlpy's say the settings match.", "",
-        "| case | ours GFLOP/update | d3rlpy GFLOP/update | " + " | ".join(
-            f"ours GFLOP/s, {t} thread(s) | share of fp32 limit" for t in args.threads) + " |",
+        "thread count. Equal FLOPs for ours and d3rlpy's say the settings match.",
+        "",
+        "| case | ours GFLOP/update | d3rlpy GFLOP/update | "
+        + " | ".join(f"ours GFLOP/s, {t} thread(s) | share of fp32 limit" for t in args.threads)
+        + " |",
         "|---|---|---|" + "---|---|" * len(args.threads),
     ]
     for case in cases:
@@ -377,48 +564,73 @@ def flops_lines(cases: list[Case], args: Args, measured: Measurements) -> list[s
             cells.append(f"{achieved:.1f} | {100 * achieved / measured.peaks[(threads, 'fp32')]:.0f}%")
         lines.append(f"| {case.name} | {ours_flops / 1e9:.3f} | {their_flops / 1e9:.3f} | " + " | ".join(cells) + " |")
     peaks = measured.peaks
-    lines += ["", "| matmul peak | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |",
-              "|---|" + "---|" * len(args.threads),
-              "| fp32, 2048x2048, GFLOP/s | " + " | ".join(f"{peaks[(t, 'fp32')]:.0f}" for t in args.threads) + " |",
-              "| bf16, 512x512, GFLOP/s | " + " | ".join(f"{peaks[(t, 'bf16')]:.1f}" for t in args.threads) + " |",
-              "", f"The target is {100 * FLOP_TARGET:.0f}% of the fp32 limit for the two continuous updates."]
+    lines += [
+        "",
+        "| matmul peak | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |",
+        "|---|" + "---|" * len(args.threads),
+        "| fp32, 2048x2048, GFLOP/s | " + " | ".join(f"{peaks[(t, 'fp32')]:.0f}" for t in args.threads) + " |",
+        "| bf16, 512x512, GFLOP/s | " + " | ".join(f"{peaks[(t, 'bf16')]:.1f}" for t in args.threads) + " |",
+        "",
+        f"The target is {100 * FLOP_TARGET:.0f}% of the fp32 limit for the two continuous updates.",
+    ]
     return lines
 
 
 def collector_lines(args: Args, measured: Measurements) -> list[str]:
     lines = ["", "## Collector: one env against a vector env", ""]
     if measured.collector:
-        lines += ["`data_collection/collect_dataset.py --policy expert --num-transitions "
-                  f"{args.collector_transitions}`, collection time from the dataset's metadata "
-                  "(reference episodes left out).", "",
-                  "| env | --num-envs 1 | --num-envs 8 | speed-up |", "|---|---|---|---|"]
+        lines += [
+            "`data_collection/collect_dataset.py --policy expert --num-transitions "
+            f"{args.collector_transitions}`, collection time from the dataset's metadata "
+            "(reference episodes left out).",
+            "",
+            "| env | --num-envs 1 | --num-envs 8 | speed-up |",
+            "|---|---|---|---|",
+        ]
         for env_id in COLLECTOR_ENVS:
             one, eight = measured.collector[(env_id, 1)], measured.collector[(env_id, 8)]
             lines.append(f"| {env_id} | {one:.0f} transitions/s | {eight:.0f} transitions/s | {eight / one:.1f}x |")
     else:
-        lines.append("Not measured in a run with --only." if args.only else
-                     f"Not measured: no sb3 agents in {measured.hf_cache} {CACHE_HINT}.")
+        lines.append(
+            "Not measured in a run with --only."
+            if args.only
+            else f"Not measured: no sb3 agents in {measured.hf_cache} {CACHE_HINT}."
+        )
     return lines
 
 
 def evaluation_lines(args: Args, measured: Measurements) -> list[str]:
     lines = ["", "## Evaluation's share of a default run", ""]
     if measured.evaluation_shares:
-        lines += [f"From the summary.json of the default runs in `{args.default_runs.relative_to(ROOT)}/`.", "",
-                  "| run | evaluation | wall time | share | updates/s | final return |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"From the summary.json of the default runs in `{args.default_runs.relative_to(ROOT)}/`.",
+            "",
+            "| run | evaluation | wall time | share | updates/s | final return |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, eval_time, wall_time, updates_per_second, final_return in measured.evaluation_shares:
-            lines.append(f"| {name} | {eval_time:.0f} s | {wall_time:.0f} s | {100 * eval_time / wall_time:.1f}% | "
-                         f"{updates_per_second:.1f} | {final_return:.1f} |")
+            lines.append(
+                f"| {name} | {eval_time:.0f} s | {wall_time:.0f} s | {100 * eval_time / wall_time:.1f}% | "
+                f"{updates_per_second:.1f} | {final_return:.1f} |"
+            )
     else:
-        lines.append("Not measured in a run with --only." if args.only else
-                     f"Not measured: no run folders with summary.json in {args.default_runs}.")
+        lines.append(
+            "Not measured in a run with --only."
+            if args.only
+            else f"Not measured: no run folders with summary.json in {args.default_runs}."
+        )
     return lines
 
 
 def write_report(cases: list[Case], args: Args, measured: Measurements) -> None:
     """The markdown report in --output, written to a temporary file and renamed."""
-    lines = (header_lines(measured) + speed_lines(cases, args, measured.speeds) + flops_lines(cases, args, measured)
-             + collector_lines(args, measured) + evaluation_lines(args, measured))
+    lines = (
+        header_lines(measured)
+        + speed_lines(cases, args, measured.speeds)
+        + flops_lines(cases, args, measured)
+        + collector_lines(args, measured)
+        + evaluation_lines(args, measured)
+    )
     temporary = args.output.with_suffix(".md.tmp")
     temporary.write_text("\n".join(lines) + "\n")
     os.replace(temporary, args.output)
@@ -436,7 +648,10 @@ def main(args: Args) -> None:
     d3rlpy_version = run([d3rlpy_python, "-c", "import d3rlpy; print(d3rlpy.__version__)"], ROOT).strip()
     speeds = measure_cases(cases, args, d3rlpy_python)
     measured = Measurements(
-        started, started_wall, d3rlpy_version, speeds,
+        started,
+        started_wall,
+        d3rlpy_version,
+        speeds,
         flops={case.name: flops_per_update(case, d3rlpy_python) for case in cases},
         peaks=measure_peaks(args.threads),
         collector=measure_collector(args.collector_transitions, cache) if measure_the_collector else {},

@@ -18,6 +18,7 @@ and commit among the records made before HEAD, this
      data_collection/describe_datasets.py on today's file. A collection made again elsewhere can differ.
 Records pass when all three agree exactly; the others are listed, and --drop deletes them so that run_matrix.py
 runs them again. With --copy-kept, the records of another folder that pass are copied into results/matrix/.
+results/check_short_runs.py makes the same short-run comparison for every script, without matrix records.
 """
 
 import dataclasses
@@ -67,15 +68,27 @@ def dataset_rows(table: str) -> dict[tuple[str, str], list[str]]:
 
 def changed_datasets(records: list[Path], table: Path) -> set[str]:
     """Dataset paths of the records whose file today is not the one the committed datasets.md describes."""
-    committed = subprocess.run(["git", "show", f"HEAD:{table.resolve().relative_to(ROOT)}"], cwd=ROOT,
-                               capture_output=True, text=True).stdout
+    committed = subprocess.run(
+        ["git", "show", f"HEAD:{table.resolve().relative_to(ROOT)}"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
     paths = sorted({json.loads((folder / "summary.json").read_text())["args"]["dataset"] for folder in records})
     existing = [path for path in paths if (ROOT / path).exists()]
-    today = subprocess.run([sys.executable, ROOT / "data_collection" / "describe_datasets.py", *existing], cwd=ROOT,
-                           capture_output=True, text=True).stdout if existing else ""
+    today = (
+        subprocess.run(
+            [sys.executable, ROOT / "data_collection" / "describe_datasets.py", *existing],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout
+        if existing
+        else ""
+    )
     before, now = dataset_rows(committed), dataset_rows(today)
-    return {path for path in paths if (key := (Path(path).parent.name, Path(path).name)) not in now
-            or before.get(key) != now[key]}
+    return {
+        path
+        for path in paths
+        if (key := (Path(path).parent.name, Path(path).name)) not in now or before.get(key) != now[key]
+    }
 
 
 def current_args(script: str, command: list[str]) -> dict:
@@ -92,8 +105,13 @@ def short_run(source: Path, command: list[str], folder: Path) -> tuple[list, dic
     dataset = command[command.index("--dataset") + 1]
     flags = [*command[2:], *SHORT]
     flags[flags.index("--dataset") + 1] = str(ROOT / dataset)
-    result = subprocess.run([sys.executable, str(source), *flags], cwd=folder, capture_output=True, text=True,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, str(source), *flags],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     if result.returncode != 0:
         raise RuntimeError((result.stderr.strip().splitlines() or ["no output"])[-1])
     run_dir = next((folder / "runs").iterdir())
@@ -107,14 +125,18 @@ def same_evaluations(before: list[dict], after: list[dict]) -> bool:
     is not a changed number; the wall time is the machine's, not the code's."""
     return len(before) == len(after) and all(
         all(key in new and new[key] == value for key, value in old.items() if key != "wall_time_s")
-        for old, new in zip(before, after))
+        for old, new in zip(before, after)
+    )
 
 
 def same_numbers(script: str, commit: str, command: list[str]) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory() as temporary:
         old = Path(temporary) / Path(script).name
-        old.write_text(subprocess.run(["git", "show", f"{commit}:{script}"], cwd=ROOT, capture_output=True,
-                                      text=True, check=True).stdout)
+        old.write_text(
+            subprocess.run(
+                ["git", "show", f"{commit}:{script}"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+        )
         try:
             before = short_run(old, command, Path(temporary) / "old")
             after = short_run(ROOT / script, command, Path(temporary) / "new")
@@ -128,29 +150,41 @@ def same_numbers(script: str, commit: str, command: list[str]) -> tuple[bool, st
 
 
 def main(args: Args) -> None:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     groups = defaultdict(list)  # (script, commit, flags beyond --dataset and --seed) -> records
     for path in sorted(args.records.glob("*/run.json")):
         record = json.loads(path.read_text())
         command = shlex.split(record["command"])
         if record["commit"] == head:
             continue
-        flags = [flag for i, flag in enumerate(command[2:], 2)
-                 if flag not in ("--dataset", "--seed") and command[i - 1] not in ("--dataset", "--seed")]
+        flags = [
+            flag
+            for i, flag in enumerate(command[2:], 2)
+            if flag not in ("--dataset", "--seed") and command[i - 1] not in ("--dataset", "--seed")
+        ]
         groups[command[1], record["commit"], " ".join(flags)].append((path.parent, command))
-    changed_data = changed_datasets([folder for records in groups.values() for folder, _ in records],
-                                    args.records / "datasets.md")
+    changed_data = changed_datasets(
+        [folder for records in groups.values() for folder, _ in records], args.records / "datasets.md"
+    )
     command = shlex.join(["python", "results/check_reuse.py", *sys.argv[1:]])
     folder = args.records.resolve().relative_to(ROOT)
-    lines = [f"Checked at commit {head[:7]} by `{command}`: each finished run of `{folder}/` made "
-             "at an earlier commit against the code of today, by its flags and by a short seeded run "
-             f"(`{' '.join(SHORT)}`) of both versions on its dataset.", "",
-             "| script | its flags | commit | runs | flags as today | short run | kept |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Checked at commit {head[:7]} by `{command}`: each finished run of `{folder}/` made "
+        "at an earlier commit against the code of today, by its flags and by a short seeded run "
+        f"(`{' '.join(SHORT)}`) of both versions on its dataset.",
+        "",
+        "| script | its flags | commit | runs | flags as today | short run | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
     if changed_data:
-        lines[1:1] = ["", "Datasets that differ from those the runs were made on (their runs are not kept): "
-                      + ", ".join(f"`{path}`" for path in sorted(changed_data)) + "."]
+        lines[1:1] = [
+            "",
+            "Datasets that differ from those the runs were made on (their runs are not kept): "
+            + ", ".join(f"`{path}`" for path in sorted(changed_data))
+            + ".",
+        ]
     dropped, copied, already = 0, [], []
     for (script, commit, flags), records in sorted(groups.items()):
         changed = set()
@@ -166,10 +200,15 @@ def main(args: Args) -> None:
         else:
             print(f"{script} {flags} at {commit[:7]}: short runs of both versions ...", flush=True)
             same, how = same_numbers(script, commit, records[0][1])
-        kept = [(folder, command) for folder, command in records
-                if same and command[command.index("--dataset") + 1] not in changed_data]
-        lines.append(f"| `{script}` | `{flags}` | {commit[:7]} | {len(records)} | {flags_text} | {how} | "
-                     f"{len(kept)} of {len(records)} |")
+        kept = [
+            (folder, command)
+            for folder, command in records
+            if same and command[command.index("--dataset") + 1] not in changed_data
+        ]
+        lines.append(
+            f"| `{script}` | `{flags}` | {commit[:7]} | {len(records)} | {flags_text} | {how} | "
+            f"{len(kept)} of {len(records)} |"
+        )
         print(lines[-1], flush=True)
         if args.copy_kept and args.records.resolve() != MATRIX_DIR.resolve():
             for folder, _ in kept:
@@ -184,11 +223,17 @@ def main(args: Args) -> None:
                 subprocess.run(["rm", "-rf", str(folder)], check=True)
                 dropped += 1
     if args.copy_kept:
-        lines += ["", f"Copied into `results/matrix/`: {', '.join(f'`{name}`' for name in copied) or 'none'}. "
-                  f"Kept, but run there already: {', '.join(f'`{name}`' for name in already) or 'none'}."]
+        lines += [
+            "",
+            f"Copied into `results/matrix/`: {', '.join(f'`{name}`' for name in copied) or 'none'}. "
+            f"Kept, but run there already: {', '.join(f'`{name}`' for name in already) or 'none'}.",
+        ]
     args.output.write_text("# Finished runs kept from earlier commits\n\n" + "\n".join(lines) + "\n")
-    print(f"wrote {args.output}" + (f"; dropped {dropped} records" if args.drop else "")
-          + (f"; copied {len(copied)} records into {MATRIX_DIR}" if args.copy_kept else ""))
+    print(
+        f"wrote {args.output}"
+        + (f"; dropped {dropped} records" if args.drop else "")
+        + (f"; copied {len(copied)} records into {MATRIX_DIR}" if args.copy_kept else "")
+    )
 
 
 if __name__ == "__main__":

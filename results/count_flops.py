@@ -25,8 +25,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--updates", type=int, required=True, help="gradient updates the script will make")
-parser.add_argument("--uneven", action="store_true",
-                    help="updates differ in their optimizer steps (one to two each, as TD3's delayed actor)")
+parser.add_argument(
+    "--uneven",
+    action="store_true",
+    help="updates differ in their optimizer steps (one to two each, as TD3's delayed actor)",
+)
 parser.add_argument("script", help="the training script")
 parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments (after --)")
 args = parser.parse_args()
@@ -34,8 +37,7 @@ script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.s
 
 counter = FlopCounterMode(display=False)
 counts_after_step = []
-register_optimizer_step_post_hook(
-    lambda optimizer, *_: counts_after_step.append(counter.get_total_flops()))
+register_optimizer_step_post_hook(lambda optimizer, *_: counts_after_step.append(counter.get_total_flops()))
 sys.argv = [args.script, *script_args]
 with counter, contextlib.redirect_stdout(io.StringIO()):
     runpy.run_path(args.script, run_name="__main__")
@@ -43,8 +45,11 @@ steps = len(counts_after_step)
 even = not args.uneven and args.updates >= 2 and steps % args.updates == 0
 if not (even or args.uneven and args.updates < steps < 2 * args.updates):
     hint = "" if args.uneven else ", and --uneven where updates differ in their steps"
-    print(f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the script's "
-          f"step count{hint}", file=sys.stderr)
+    print(
+        f"error: {steps} optimizer steps for {args.updates} updates; give --updates (2 or more) as the script's "
+        f"step count{hint}",
+        file=sys.stderr,
+    )
     sys.exit(2)
 if even:
     steps_per_update = steps // args.updates

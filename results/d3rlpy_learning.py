@@ -33,21 +33,43 @@ d3rlpy.seed(args.seed)
 
 with np.load(args.dataset) as file:
     env_id = json.loads(str(file["metadata"]))["env_id"]
-    dataset = d3rlpy.dataset.MDPDataset(file["observations"], file["actions"], file["rewards"], file["terminations"],
-                                        timeouts=file["truncations"] & ~file["terminations"])
+    dataset = d3rlpy.dataset.MDPDataset(
+        file["observations"],
+        file["actions"],
+        file["rewards"],
+        file["terminations"],
+        timeouts=file["truncations"] & ~file["terminations"],
+    )
 scaler = d3rlpy.preprocessing.StandardObservationScaler()
 if args.algo == "TD3PlusBC":
     config = d3rlpy.algos.TD3PlusBCConfig(
-        actor_learning_rate=3e-4, critic_learning_rate=3e-4, batch_size=256, alpha=2.5, target_smoothing_sigma=0.2,
-        target_smoothing_clip=0.5, update_actor_interval=2, observation_scaler=scaler)
+        actor_learning_rate=3e-4,
+        critic_learning_rate=3e-4,
+        batch_size=256,
+        alpha=2.5,
+        target_smoothing_sigma=0.2,
+        target_smoothing_clip=0.5,
+        update_actor_interval=2,
+        observation_scaler=scaler,
+    )
 else:
     config = d3rlpy.algos.IQLConfig(
-        actor_learning_rate=3e-4, critic_learning_rate=3e-4, batch_size=256, expectile=0.7, weight_temp=3.0,
-        max_weight=100.0, observation_scaler=scaler,
-        reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0))
+        actor_learning_rate=3e-4,
+        critic_learning_rate=3e-4,
+        batch_size=256,
+        expectile=0.7,
+        weight_temp=3.0,
+        max_weight=100.0,
+        observation_scaler=scaler,
+        reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0),
+    )
 algo = config.create(device="cpu:0")
-fit = dict(n_steps_per_epoch=args.eval_freq, show_progress=False, save_interval=10**9,
-           logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+fit = dict(
+    n_steps_per_epoch=args.eval_freq,
+    show_progress=False,
+    save_interval=10**9,
+    logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+)
 start = time.time()
 for step in range(args.eval_freq, args.total_steps + 1, args.eval_freq):
     algo.fit(dataset, n_steps=args.eval_freq, **fit)  # each call goes on from the last (same networks, optimisers)
@@ -62,5 +84,14 @@ for step in range(args.eval_freq, args.total_steps + 1, args.eval_freq):
             total, over = total + float(reward), terminated or truncated
         returns.append(total)
         env.close()
-    print(json.dumps({"step": step, "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns)),
-                      "wall_time_s": round(time.time() - start, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "step": step,
+                "mean_return": float(np.mean(returns)),
+                "std_return": float(np.std(returns)),
+                "wall_time_s": round(time.time() - start, 1),
+            }
+        ),
+        flush=True,
+    )

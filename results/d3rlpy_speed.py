@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--algo", required=True,
-                    choices=["DiscreteCQL", "DiscreteBCQ", "BCQ", "CQL", "TD3PlusBC", "IQL", "BC"])
+parser.add_argument(
+    "--algo", required=True, choices=["DiscreteCQL", "DiscreteBCQ", "BCQ", "CQL", "TD3PlusBC", "IQL", "BC"]
+)
 parser.add_argument("--dataset", required=True, help="a .npz of data_collection/collect_dataset.py")
 parser.add_argument("--steps", type=int, default=1000, help="gradient steps to time")
 parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -33,7 +34,10 @@ d3rlpy.seed(args.seed)
 with np.load(args.dataset) as file:
     discrete = file["actions"].ndim == 1
     dataset = d3rlpy.dataset.MDPDataset(
-        file["observations"], file["actions"].reshape(len(file["actions"]), -1), file["rewards"], file["terminations"],
+        file["observations"],
+        file["actions"].reshape(len(file["actions"]), -1),
+        file["rewards"],
+        file["terminations"],
         timeouts=file["truncations"] & ~file["terminations"],  # d3rlpy refuses a step both; it terminated
         action_space=d3rlpy.constants.ActionSpace.DISCRETE if discrete else d3rlpy.constants.ActionSpace.CONTINUOUS,
         action_size=int(file["actions"].max()) + 1 if discrete else None,
@@ -46,49 +50,79 @@ def encoder(hidden: list[int]) -> d3rlpy.models.VectorEncoderFactory:
 
 if args.algo == "DiscreteCQL":
     config = d3rlpy.algos.DiscreteCQLConfig(
-        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]),
+        batch_size=settings["batch_size"],
+        encoder_factory=encoder(settings["hidden"]),
         learning_rate=settings["learning_rate"],
-        alpha=settings["cql_alpha"], target_update_interval=settings["target_update_interval"])
+        alpha=settings["cql_alpha"],
+        target_update_interval=settings["target_update_interval"],
+    )
 elif args.algo == "DiscreteBCQ":
     config = d3rlpy.algos.DiscreteBCQConfig(
-        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]),
+        batch_size=settings["batch_size"],
+        encoder_factory=encoder(settings["hidden"]),
         learning_rate=settings["learning_rate"],
-        action_flexibility=settings["threshold"], target_update_interval=settings["target_update_interval"],
-        share_encoder=settings["shared_trunk"])
+        action_flexibility=settings["threshold"],
+        target_update_interval=settings["target_update_interval"],
+        share_encoder=settings["shared_trunk"],
+    )
 elif args.algo == "BCQ":
     # n_action_samples is used both in the target and when acting; only the target matters while training.
     config = d3rlpy.algos.BCQConfig(
-        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["actor_hidden"]),
+        batch_size=settings["batch_size"],
+        actor_encoder_factory=encoder(settings["actor_hidden"]),
         critic_encoder_factory=encoder(settings["critic_hidden"]),
         imitator_encoder_factory=encoder(settings["vae_hidden"]),
-        n_action_samples=settings["target_samples"], lam=settings["lmbda"], action_flexibility=settings["phi"])
+        n_action_samples=settings["target_samples"],
+        lam=settings["lmbda"],
+        action_flexibility=settings["phi"],
+    )
 elif args.algo == "TD3PlusBC":
     config = d3rlpy.algos.TD3PlusBCConfig(
-        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),
-        critic_encoder_factory=encoder(settings["hidden"]), alpha=settings["alpha"],
-        target_smoothing_sigma=settings["policy_noise"], target_smoothing_clip=settings["noise_clip"],
-        update_actor_interval=settings["policy_freq"])
+        batch_size=settings["batch_size"],
+        actor_encoder_factory=encoder(settings["hidden"]),
+        critic_encoder_factory=encoder(settings["hidden"]),
+        alpha=settings["alpha"],
+        target_smoothing_sigma=settings["policy_noise"],
+        target_smoothing_clip=settings["noise_clip"],
+        update_actor_interval=settings["policy_freq"],
+    )
 elif args.algo == "BC":
     # "deterministic": a tanh policy fitted by the squared error, as bc.py's default --box-loss mse.
     config = d3rlpy.algos.BCConfig(
-        batch_size=settings["batch_size"], encoder_factory=encoder(settings["hidden"]),
-        learning_rate=settings["learning_rate"], policy_type="deterministic")
+        batch_size=settings["batch_size"],
+        encoder_factory=encoder(settings["hidden"]),
+        learning_rate=settings["learning_rate"],
+        policy_type="deterministic",
+    )
 elif args.algo == "IQL":
     config = d3rlpy.algos.IQLConfig(
-        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),
-        critic_encoder_factory=encoder(settings["hidden"]), value_encoder_factory=encoder(settings["hidden"]),
-        expectile=settings["expectile"], weight_temp=settings["beta"], max_weight=settings["max_weight"])
+        batch_size=settings["batch_size"],
+        actor_encoder_factory=encoder(settings["hidden"]),
+        critic_encoder_factory=encoder(settings["hidden"]),
+        value_encoder_factory=encoder(settings["hidden"]),
+        expectile=settings["expectile"],
+        weight_temp=settings["beta"],
+        max_weight=settings["max_weight"],
+    )
 else:
     config = d3rlpy.algos.CQLConfig(
-        batch_size=settings["batch_size"], actor_encoder_factory=encoder(settings["hidden"]),
-        critic_encoder_factory=encoder(settings["hidden"]), n_action_samples=settings["num_random"],
-        conservative_weight=settings["cql_alpha"], alpha_threshold=settings["target_action_gap"],
-        alpha_learning_rate=settings["alpha_lr"] if settings["lagrange"] else 0.0)
+        batch_size=settings["batch_size"],
+        actor_encoder_factory=encoder(settings["hidden"]),
+        critic_encoder_factory=encoder(settings["hidden"]),
+        n_action_samples=settings["num_random"],
+        conservative_weight=settings["cql_alpha"],
+        alpha_threshold=settings["target_action_gap"],
+        alpha_learning_rate=settings["alpha_lr"] if settings["lagrange"] else 0.0,
+    )
 
 algo = config.create(device="cpu:0")
 algo.build_with_dataset(dataset)
-fit = dict(n_steps_per_epoch=args.steps, show_progress=False, save_interval=10**9,
-           logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+fit = dict(
+    n_steps_per_epoch=args.steps,
+    show_progress=False,
+    save_interval=10**9,
+    logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+)
 algo.fit(dataset, n_steps=min(20, args.steps), **{**fit, "n_steps_per_epoch": min(20, args.steps)})  # warm-up
 start = time.perf_counter()
 algo.fit(dataset, n_steps=args.steps, **fit)

@@ -7,13 +7,15 @@ policy.pt2 is a torch.export program, raw env observations in, env actions out (
 and action scaling inside), with the env id, reference returns and the script's evaluation settings stored
 beside it as policy.json. By default this plays the episodes of the script's final evaluation (the same
 seeds, batched the same way in a vector env) and so prints the same mean return on the same machine. It
-needs neither the algorithm's file nor pickle. In your own code:
+needs neither the algorithm's file nor pickle, and imports nothing from this repository. In your own code:
 
     policy = torch.export.load("runs/.../policy.pt2").module()
     action = policy(torch.as_tensor(observation, dtype=torch.float32)[None])[0].numpy()
 """
 
 import json
+import os
+import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -21,11 +23,9 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import gymnasium as gym
+import numpy as np
 import torch
 import tyro
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
-import bc  # noqa: E402  every script evaluates and checks rendering the same way; bc.py's copy serves here
 
 
 @dataclass
@@ -62,6 +62,66 @@ def load_policy(path: Path) -> tuple[torch.nn.Module, dict]:
     return program.module(), info
 
 
+def prepare_rendering(env_id: str) -> None:
+    """Check that env_id can render before playing. Without a screen MuJoCo needs MUJOCO_GL=egl or osmesa, read once
+    when mujoco is imported, so each is tried in a child process; the first that renders is kept."""
+    probe = "import sys, gymnasium as g; e = g.make(sys.argv[1], render_mode='rgb_array'); e.reset(); e.render()"
+    headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    backends = [os.environ.get("MUJOCO_GL")] if "MUJOCO_GL" in os.environ or not headless else ["egl", "osmesa"]
+    for backend in backends:
+        env = dict(os.environ, **({"MUJOCO_GL": backend} if backend else {}))
+        result = subprocess.run([sys.executable, "-c", probe, env_id], env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            os.environ.update({"MUJOCO_GL": backend} if backend else {})
+            return
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    fail(
+        f"--capture-video cannot render {env_id} (MUJOCO_GL={'/'.join(map(str, backends))}: {reason}). Without a "
+        "screen MuJoCo renders with EGL or OSMesa: install one (apt install libegl1 or libosmesa6), or drop "
+        "--capture-video"
+    )
+
+
+def play(policy, env_id: str, episodes: int, seed: int, gamma: float, video_folder: Optional[Path]) -> dict:
+    """The episodes of an algorithm script's evaluation: batched in a vector env that resets a finished episode in
+    the same step, env seeds seed * 1000 + i, torch seeded with `seed` for the random numbers a sampling policy
+    draws, every episode acted for at every step. Returns mean_return, std_return and the returns."""
+
+    def make_env(index: int) -> gym.Env:
+        if video_folder is None or index > 0:
+            return gym.make(env_id)
+        video = dict(episode_trigger=lambda episode: episode == 0, name_prefix="policy", disable_logger=True)
+        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_folder), **video)
+
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(i) for i in range(episodes)], autoreset_mode=same_step)
+    observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
+    returns, discounted, running, discount = np.zeros(episodes), np.zeros(episodes), np.ones(episodes, bool), 1.0
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        while running.any():
+            actions = policy(torch.tensor(observations, dtype=torch.float32))
+            observations, rewards, terminations, truncations, _ = envs.step(actions.numpy())
+            returns += np.where(running, rewards, 0.0)
+            discounted += np.where(running, discount * rewards, 0.0)
+            discount *= gamma
+            running &= ~(terminations | truncations)
+    envs.close()
+    return {
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "returns": returns.tolist(),
+        "discounted_return_initial": float(discounted.mean()),
+    }
+
+
+def normalized_score(mean_return: float, references: Optional[dict]) -> Optional[float]:
+    """D4RL's normalised score: 0 is a uniform random policy, 100 the expert of the dataset's references."""
+    if not references or references.get("expert") is None:
+        return None
+    return 100.0 * (mean_return - references["random"]) / (references["expert"] - references["random"])
+
+
 def main() -> None:
     args = tyro.cli(Args)
     torch.set_num_threads(1)
@@ -77,18 +137,20 @@ def main() -> None:
     except gym.error.Error as error:
         fail(f"cannot make env {env_id!r}: {error}")
     if probe_env.observation_space.shape != tuple(info["observation_shape"]):
-        fail(f"{args.policy} takes observations of shape {tuple(info['observation_shape'])}, env {env_id} gives "
-             f"{probe_env.observation_space.shape}")
+        fail(
+            f"{args.policy} takes observations of shape {tuple(info['observation_shape'])}, env {env_id} gives "
+            f"{probe_env.observation_space.shape}"
+        )
     probe_env.close()
     if args.capture_video:
-        bc.prepare_rendering(env_id)
+        prepare_rendering(env_id)
     video_folder = args.policy.parent / "policy_videos" if args.capture_video else None
-    torch.manual_seed(seed)  # what a sampling policy (BCQ's) draws: its script's evaluation seeds it the same way
-    result = bc.evaluate(policy, env_id, episodes, seed, evaluation.get("gamma", 0.99), torch.device("cpu"),
-                         info.get("reference_returns"), video_folder, "policy")
-    line = (f"{info['algorithm']} on {env_id}: return {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
-            f"{episodes} episodes (seed {seed})")
-    score = result["normalized_score"]
+    result = play(policy, env_id, episodes, seed, evaluation.get("gamma", 0.99), video_folder)
+    line = (
+        f"{info['algorithm']} on {env_id}: return {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
+        f"{episodes} episodes (seed {seed})"
+    )
+    score = normalized_score(result["mean_return"], info.get("reference_returns"))
     print(line if score is None else f"{line}, normalised score {score:.1f}")
     if video_folder is not None:
         print(f"video in {video_folder}")

@@ -43,8 +43,15 @@ from run_matrix import MATRIX, MATRIX_DIR, ROOT, SEEDS  # noqa: E402
 
 BEGIN, END = "<!-- report:begin (made by results/make_report.py) -->", "<!-- report:end -->"
 NAIVE = {"DQN", "SAC"}
-COLOURS = {"CQL": "tab:blue", "BCQ": "tab:green", "TD3+BC": "tab:orange", "IQL": "tab:purple", "DQN": "tab:red",
-           "SAC": "tab:red", "BC": "tab:gray"}
+COLOURS = {
+    "CQL": "tab:blue",
+    "BCQ": "tab:green",
+    "TD3+BC": "tab:orange",
+    "IQL": "tab:purple",
+    "DQN": "tab:red",
+    "SAC": "tab:red",
+    "BC": "tab:gray",
+}
 
 
 @dataclass
@@ -93,8 +100,9 @@ def score_table(runs, env, key: str) -> list[str]:
     labels = [algorithm.label for algorithm in env.algorithms]
     lines = [f"| dataset | {' | '.join(labels)} |", "|---" * (len(labels) + 1) + "|"]
     for dataset in env.datasets:
-        values = {label: [run["summary"][key] for run in runs.get((env.env_id, dataset, label), [])]
-                  for label in labels}
+        values = {
+            label: [run["summary"][key] for run in runs.get((env.env_id, dataset, label), [])] for label in labels
+        }
         best = max((np.mean(v) for v in values.values() if v), default=None)
         cells = []
         for label in labels:
@@ -107,8 +115,10 @@ def score_table(runs, env, key: str) -> list[str]:
 
 
 def cost_table(runs, env) -> list[str]:
-    lines = ["| algorithm | command (per dataset and seed) | gradient steps | wall time per run (min) | updates/s |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| algorithm | command (per dataset and seed) | gradient steps | wall time per run (min) | updates/s |",
+        "|---|---|---|---|---|",
+    ]
     for algorithm in env.algorithms:
         done = [run for dataset in env.datasets for run in runs.get((env.env_id, dataset, algorithm.label), [])]
         if not done:
@@ -118,16 +128,19 @@ def cost_table(runs, env) -> list[str]:
         minutes = [run["wall_time_s"] / 60 for run in done]
         speed = [run["summary"]["updates_per_second"] for run in done]
         spread = f" (from {min(minutes):.1f} to {max(minutes):.1f})" if len(minutes) > 1 else " (1 run)"
-        lines.append(f"| {algorithm.label} | `{command}` | {done[0]['summary']['total_steps']:,} | "
-                     f"{np.median(minutes):.1f}{spread} | {np.median(speed):.3g} |")
+        lines.append(
+            f"| {algorithm.label} | `{command}` | {done[0]['summary']['total_steps']:,} | "
+            f"{np.median(minutes):.1f}{spread} | {np.median(speed):.3g} |"
+        )
     return lines
 
 
 def seed_curves(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps and a [seeds, steps] array of an evaluation field, over the steps every seed evaluated."""
     steps = sorted(set.intersection(*({e["step"] for e in r["summary"]["evaluations"]} for r in records)))
-    values = [[next(e[key] for e in r["summary"]["evaluations"] if e["step"] == step) for step in steps]
-              for r in records]
+    values = [
+        [next(e[key] for e in r["summary"]["evaluations"] if e["step"] == step) for step in steps] for r in records
+    ]
     return np.array(steps), np.array(values, dtype=float)
 
 
@@ -200,8 +213,10 @@ def plot_overestimation(runs, env, path: Path) -> bool:
         label_steps(axis)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("discounted return\nfrom the first states")
-    styles = (matplotlib.lines.Line2D([], [], color="black", label="Q estimate (q_initial)"),
-              matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="real (discounted_return_initial)"))
+    styles = (
+        matplotlib.lines.Line2D([], [], color="black", label="Q estimate (q_initial)"),
+        matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="real (discounted_return_initial)"),
+    )
     save_with_legend(figure, axes[0], path, styles)
     return True
 
@@ -219,8 +234,10 @@ def seed_bootstrap() -> None:
 def final_scores(runs, env, label: str) -> Optional[np.ndarray]:
     """[seeds, datasets] final normalised scores of one algorithm on an env, or None unless every dataset has
     every seed: the stratified bootstrap resamples seeds within each dataset."""
-    cells = [[run["summary"]["final_normalized_score"] for run in runs.get((env.env_id, dataset, label), [])]
-             for dataset in env.datasets]
+    cells = [
+        [run["summary"]["final_normalized_score"] for run in runs.get((env.env_id, dataset, label), [])]
+        for dataset in env.datasets
+    ]
     if any(len(cell) != len(SEEDS) or None in cell for cell in cells):
         return None
     return np.array(cells, dtype=float).T
@@ -235,16 +252,25 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
     from rliable import library as rly
     from rliable import metrics
 
-    lines = ["### Aggregate scores (rliable)", "",
-             f"Interquartile mean (IQM) of the final normalised scores over each env's datasets and {len(SEEDS)} "
-             f"seeds, with 95% stratified-bootstrap confidence intervals ({BOOTSTRAP_REPS:,} resamples of the seeds "
-             "within each dataset); P(X > BC) is the probability that a run of the method on a dataset scores "
-             "above a run of BC on it, with its 95% interval. Only algorithms with every dataset and seed done "
-             "are counted.", "", "| env | algorithm | IQM | mean | P(X > BC) |", "|---|---|---|---|---|"]
+    lines = [
+        "### Aggregate scores (rliable)",
+        "",
+        f"Interquartile mean (IQM) of the final normalised scores over each env's datasets and {len(SEEDS)} "
+        f"seeds, with 95% stratified-bootstrap confidence intervals ({BOOTSTRAP_REPS:,} resamples of the seeds "
+        "within each dataset); P(X > BC) is the probability that a run of the method on a dataset scores "
+        "above a run of BC on it, with its 95% interval. Only algorithms with every dataset and seed done "
+        "are counted.",
+        "",
+        "| env | algorithm | IQM | mean | P(X > BC) |",
+        "|---|---|---|---|---|",
+    ]
     profiles = []
     for env in MATRIX:
-        scores = {algorithm.label: matrix for algorithm in env.algorithms
-                  if (matrix := final_scores(runs, env, algorithm.label)) is not None}
+        scores = {
+            algorithm.label: matrix
+            for algorithm in env.algorithms
+            if (matrix := final_scores(runs, env, algorithm.label)) is not None
+        }
         if not scores:
             continue
         aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
@@ -252,12 +278,13 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
         points, cis = rly.get_interval_estimates(scores, aggregate, reps=BOOTSTRAP_REPS)
         pairs = {label: (matrix, scores["BC"]) for label, matrix in scores.items() if label != "BC" and "BC" in scores}
         seed_bootstrap()
-        improvement, improvement_cis = rly.get_interval_estimates(pairs, metrics.probability_of_improvement,
-                                                                  reps=2_000)
+        improvement, improvement_cis = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=2_000)
         for label in scores:
             against_bc = interval(improvement[label], improvement_cis[label][:, 0], 2) if label in pairs else "–"
-            lines.append(f"| {env.env_id} | {label} | {interval(points[label][0], cis[label][:, 0])} | "
-                         f"{interval(points[label][1], cis[label][:, 1])} | {against_bc} |")
+            lines.append(
+                f"| {env.env_id} | {label} | {interval(points[label][0], cis[label][:, 0])} | "
+                f"{interval(points[label][1], cis[label][:, 1])} | {against_bc} |"
+            )
         profiles.append((env, scores))
     if not profiles:
         return ["### Aggregate scores (rliable)", "", "No env has every dataset and seed of an algorithm done yet.", ""]
@@ -286,22 +313,35 @@ def evaluation_minutes(run: dict) -> np.ndarray:
 
 def plot_compute(runs, path: Path) -> bool:
     """Normalised score against wall-clock minutes, mean over seeds, on the datasets of COMPUTE_PANELS."""
-    panels = [(env, dataset) for env in MATRIX for env_id, dataset in COMPUTE_PANELS if env.env_id == env_id
-              and any(runs.get((env_id, dataset, algorithm.label)) for algorithm in env.algorithms)]
+    panels = [
+        (env, dataset)
+        for env in MATRIX
+        for env_id, dataset in COMPUTE_PANELS
+        if env.env_id == env_id and any(runs.get((env_id, dataset, algorithm.label)) for algorithm in env.algorithms)
+    ]
     if not panels:
         return False
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     for axis, (env, dataset) in zip(axes[0], panels):
         for algorithm in env.algorithms:
-            records = [run for run in runs.get((env.env_id, dataset, algorithm.label), [])
-                       if all("wall_time_s" in evaluation for evaluation in run["summary"]["evaluations"])]
+            records = [
+                run
+                for run in runs.get((env.env_id, dataset, algorithm.label), [])
+                if all("wall_time_s" in evaluation for evaluation in run["summary"]["evaluations"])
+            ]
             if not records:
                 continue
             steps, scores = seed_curves(records, "normalized_score")
-            minutes = np.mean([[m for e, m in zip(r["summary"]["evaluations"], evaluation_minutes(r))
-                                if e["step"] in steps] for r in records], axis=0)
-            axis.plot(minutes, scores.mean(axis=0), color=COLOURS.get(algorithm.label), marker=".",
-                      label=algorithm.label)
+            minutes = np.mean(
+                [
+                    [m for e, m in zip(r["summary"]["evaluations"], evaluation_minutes(r)) if e["step"] in steps]
+                    for r in records
+                ],
+                axis=0,
+            )
+            axis.plot(
+                minutes, scores.mean(axis=0), color=COLOURS.get(algorithm.label), marker=".", label=algorithm.label
+            )
         axis.set_title(f"{env.env_id}, {dataset}")
         axis.set_xlabel("wall-clock minutes (one core)")
         axis.grid(alpha=0.3)
@@ -340,22 +380,30 @@ def claims(runs, behaviour: dict) -> list[str]:
                     data = behaviour.get((env.env_id, dataset))
                     bars = [value for value in (bc, data) if value is not None]
                     holds = estimate > real and all(score < value for value in bars)
-                    text = (f"Q(s0) {estimate:.4g} vs real {real:.1f}; ends at {score:.1f}"
-                            + (f", BC at {bc:.1f}" if bc is not None else "")
-                            + (f", the data at {data:.1f}" if data is not None else ""))
+                    text = (
+                        f"Q(s0) {estimate:.4g} vs real {real:.1f}; ends at {score:.1f}"
+                        + (f", BC at {bc:.1f}" if bc is not None else "")
+                        + (f", the data at {data:.1f}" if data is not None else "")
+                    )
                     claim = f"{label} over-estimates and ends below BC and the data on {env.env_id} {dataset}"
                 else:
                     holds = estimate < real
                     text = f"Q(s0) {estimate:.4g} vs real {real:.1f}"
                     claim = f"CQL stays below its real return on {env.env_id} {dataset}"
                 seeds = f"{len(records)} seeds'" if len(records) > 1 else "1 seed's"
-                lines.append(f"| {claim} | {text} (mean of {seeds} last evaluation) | "
-                             f"{'holds' if holds else '**fails**'} |")
+                lines.append(
+                    f"| {claim} | {text} (mean of {seeds} last evaluation) | {'holds' if holds else '**fails**'} |"
+                )
     for env_id, dataset in COMPUTE_PANELS:
         env = next(env for env in MATRIX if env.env_id == env_id)
-        cells = {a.label: np.array([[r["summary"]["final_normalized_score"]]
-                                    for r in runs.get((env_id, dataset, a.label), [])], dtype=float)
-                 for a in env.algorithms if a.label not in NAIVE}
+        cells = {
+            a.label: np.array(
+                [[r["summary"]["final_normalized_score"]] for r in runs.get((env_id, dataset, a.label), [])],
+                dtype=float,
+            )
+            for a in env.algorithms
+            if a.label not in NAIVE
+        }
         cells = {label: cell for label, cell in cells.items() if len(cell) == len(SEEDS)}
         if "BC" not in cells or len(cells) < 2:
             lines.append(f"| the best offline method beats BC on {env_id} {dataset} | not every seed has run | – |")
@@ -364,9 +412,11 @@ def claims(runs, behaviour: dict) -> list[str]:
         means, cis = rly.get_interval_estimates(cells, lambda x: np.array([x.mean()]), reps=BOOTSTRAP_REPS)
         best = max((label for label in cells if label != "BC"), key=lambda label: means[label][0])
         holds = cis[best][0, 0] > cis["BC"][1, 0]
-        lines.append(f"| the best offline method beats BC outside the 95% intervals on {env_id} {dataset} | "
-                     f"{best} {interval(means[best][0], cis[best][:, 0])} vs BC "
-                     f"{interval(means['BC'][0], cis['BC'][:, 0])} | {'holds' if holds else '**fails**'} |")
+        lines.append(
+            f"| the best offline method beats BC outside the 95% intervals on {env_id} {dataset} | "
+            f"{best} {interval(means[best][0], cis[best][:, 0])} vs BC "
+            f"{interval(means['BC'][0], cis['BC'][:, 0])} | {'holds' if holds else '**fails**'} |"
+        )
     return [*lines, ""]
 
 
@@ -378,7 +428,7 @@ def still_climbing(records: list[dict]) -> Optional[tuple[float, bool]]:
     if scores.shape[0] < 2 or scores.shape[1] < 2:
         return None
     fifth = max(1, scores.shape[1] // 5)
-    gains = scores[:, -fifth:].mean(axis=1) - scores[:, -2 * fifth:-fifth].mean(axis=1)
+    gains = scores[:, -fifth:].mean(axis=1) - scores[:, -2 * fifth : -fifth].mean(axis=1)
     error = gains.std(ddof=1) / np.sqrt(len(gains))
     return gains.mean(), gains.mean() > max(1.0, 2 * error)
 
@@ -409,26 +459,56 @@ def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
             continue
         curves = figures / f"learning_curves_{env.env_id}.png"
         plot_learning_curves(runs, env, behaviour, curves)
-        lines += [f"### {env.env_id}", "", "Final return (mean ± population std over seeds of each run's final "
-                  "10-episode mean; best in bold):", "", *score_table(runs, env, "final_mean_return"), "",
-                  "Normalised score:", "", *score_table(runs, env, "final_normalized_score"), "",
-                  f"![learning curves]({curves.relative_to(readme_dir)})", ""]
+        lines += [
+            f"### {env.env_id}",
+            "",
+            "Final return (mean ± population std over seeds of each run's final 10-episode mean; best in bold):",
+            "",
+            *score_table(runs, env, "final_mean_return"),
+            "",
+            "Normalised score:",
+            "",
+            *score_table(runs, env, "final_normalized_score"),
+            "",
+            f"![learning curves]({curves.relative_to(readme_dir)})",
+            "",
+        ]
         overestimation = figures / f"overestimation_{env.env_id}.png"
         if plot_overestimation(runs, env, overestimation):
             lines += [f"![overestimation]({overestimation.relative_to(readme_dir)})", ""]
-        lines += ["Does the default step count stop too early? The change of the normalised score (mean over seeds) "
-                  "from the second-last fifth of the evaluations to the last; **climbing** where the gain is above "
-                  "1 point and above twice its standard error over seeds:", "", *step_table(runs, env), "",
-                  "Cost and commands:", "", *cost_table(runs, env), ""]
+        lines += [
+            "Does the default step count stop too early? The change of the normalised score (mean over seeds) "
+            "from the second-last fifth of the evaluations to the last; **climbing** where the gain is above "
+            "1 point and above twice its standard error over seeds:",
+            "",
+            *step_table(runs, env),
+            "",
+            "Cost and commands:",
+            "",
+            *cost_table(runs, env),
+            "",
+        ]
     lines += rliable_report(runs, figures, readme_dir)
     compute = figures / "compute.png"
     if plot_compute(runs, compute):
-        cpus = sorted({run["machine"]["cpu"] for (env_id, dataset, _), seeds in runs.items()
-                       if (env_id, dataset) in COMPUTE_PANELS for run in seeds})
-        lines += ["### What compute buys", "", "Normalised score against wall-clock minutes on one core (training "
-                  "and evaluation, the mean over seeds at each evaluation), on "
-                  f"{' and '.join(cpus)} (a faster CPU moves a line to the left):", "",
-                  f"![compute]({compute.relative_to(readme_dir)})", ""]
+        cpus = sorted(
+            {
+                run["machine"]["cpu"]
+                for (env_id, dataset, _), seeds in runs.items()
+                if (env_id, dataset) in COMPUTE_PANELS
+                for run in seeds
+            }
+        )
+        lines += [
+            "### What compute buys",
+            "",
+            "Normalised score against wall-clock minutes on one core (training "
+            "and evaluation, the mean over seeds at each evaluation), on "
+            f"{' and '.join(cpus)} (a faster CPU moves a line to the left):",
+            "",
+            f"![compute]({compute.relative_to(readme_dir)})",
+            "",
+        ]
     lines += claims(runs, behaviour)
     datasets = matrix / "datasets.md"
     if datasets.exists():
@@ -437,9 +517,13 @@ def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
     commits = sorted({run["commit"][:7] for run in records})
     machines = sorted({f"{run['machine']['cpu']}, {run['machine']['cores']} cores" for run in records})
     hours = sum(run["wall_time_s"] for run in records) / 3600
-    lines += ["### Runs", "", f"{len(records)} runs finished, {hours:.1f} hours of run time in all (2 at a time), "
-              f"on {'; '.join(machines)}, at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}. Each "
-              "run's exact command, commit and wall time are in `results/matrix/<run>/run.json`."]
+    lines += [
+        "### Runs",
+        "",
+        f"{len(records)} runs finished, {hours:.1f} hours of run time in all (2 at a time), "
+        f"on {'; '.join(machines)}, at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}. Each "
+        "run's exact command, commit and wall time are in `results/matrix/<run>/run.json`.",
+    ]
     return lines
 
 
@@ -449,13 +533,17 @@ def main(args: Args) -> None:
     generated = "\n".join([BEGIN, *report(runs, args.matrix, args.figures, args.readme.parent), END])
     text = args.readme.read_text() if args.readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
-        print(f"error: {args.readme} has no report markers; put these two lines where the tables go:\n{BEGIN}\n{END}",
-              file=sys.stderr)
+        print(
+            f"error: {args.readme} has no report markers; put these two lines where the tables go:\n{BEGIN}\n{END}",
+            file=sys.stderr,
+        )
         sys.exit(2)
     before, rest = text.split(BEGIN, 1)
     args.readme.write_text(before + generated + rest.split(END, 1)[1])
-    print(f"wrote {args.readme} and {len(list(args.figures.glob('*.png')))} plots in {args.figures}/ "
-          f"from {sum(len(v) for v in runs.values())} runs")
+    print(
+        f"wrote {args.readme} and {len(list(args.figures.glob('*.png')))} plots in {args.figures}/ "
+        f"from {sum(len(v) for v in runs.values())} runs"
+    )
 
 
 if __name__ == "__main__":

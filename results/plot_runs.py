@@ -87,10 +87,21 @@ def load_run(folder: Path, group_by: tuple[str, ...]) -> Optional[Run]:
         summary = json.loads(path.read_text())
         args = summary["args"]
         # One argument: its value alone ("bc"); several: name=value pairs ("exp_name=bc, learning_rate=0.001").
-        label = str(args.get(group_by[0])) if len(group_by) == 1 else ", ".join(
-            f"{key}={args.get(key)}" for key in group_by)
-        run = Run(folder, summary["env_id"], Path(summary["dataset"]).stem, label, args.get("seed"),
-                  summary.get("status") == "interrupted", list(summary["evaluations"]), dict(args))
+        label = (
+            str(args.get(group_by[0]))
+            if len(group_by) == 1
+            else ", ".join(f"{key}={args.get(key)}" for key in group_by)
+        )
+        run = Run(
+            folder,
+            summary["env_id"],
+            Path(summary["dataset"]).stem,
+            label,
+            args.get("seed"),
+            summary.get("status") == "interrupted",
+            list(summary["evaluations"]),
+            dict(args),
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         print(f"skipped {folder}: summary.json is unreadable ({error})")
         return None
@@ -134,8 +145,13 @@ def curve(runs: list[Run], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
                 by_step[evaluation["step"]].append(evaluation[field])
     steps = sorted(by_step)
     values = [np.array(by_step[step], dtype=float) for step in steps]
-    return (np.array(steps), np.array([v.mean() for v in values]), np.array([v.min() for v in values]),
-            np.array([v.max() for v in values]), np.array([len(v) for v in values]))
+    return (
+        np.array(steps),
+        np.array([v.mean() for v in values]),
+        np.array([v.min() for v in values]),
+        np.array([v.max() for v in values]),
+        np.array([len(v) for v in values]),
+    )
 
 
 def mean_std(values: list[float]) -> str:
@@ -148,25 +164,30 @@ def mean_std(values: list[float]) -> str:
 
 def table(groups: dict[tuple[str, str, str], list[Run]], group_by: tuple[str, ...]) -> list[str]:
     """Markdown: each experiment's final evaluation (each run's last one), over its seeds."""
-    lines = [f"| env | dataset | {' / '.join(group_by)} | seeds | last step | final return | normalized score |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| env | dataset | {' / '.join(group_by)} | seeds | last step | final return | normalized score |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (env_id, dataset, label), runs in groups.items():
         finals = [run.evaluations[-1] for run in runs]
         last_steps = sorted({final["step"] for final in finals})
         interrupted = sum(run.interrupted for run in runs)
         seeds = f"{len(runs)}" + (f" ({interrupted} interrupted)" if interrupted else "")
         steps = f"{last_steps[0]}" if len(last_steps) == 1 else f"{last_steps[0]} to {last_steps[-1]}"
-        lines.append(f"| {env_id} | {dataset} | {label} | {seeds} | {steps} | "
-                     f"{mean_std([final['mean_return'] for final in finals])} | "
-                     f"{mean_std([final.get('normalized_score') for final in finals])} |")
+        lines.append(
+            f"| {env_id} | {dataset} | {label} | {seeds} | {steps} | "
+            f"{mean_std([final['mean_return'] for final in finals])} | "
+            f"{mean_std([final.get('normalized_score') for final in finals])} |"
+        )
     return lines
 
 
 def format_steps(axis) -> None:
     """Gradient steps as 10k, 20k: full numbers collide under a 4-inch panel (short test runs keep theirs)."""
     axis.set_xlabel("gradient steps")
-    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
-        lambda step, _: f"{step / 1000:g}k" if abs(step) >= 1000 else f"{step:g}"))
+    axis.xaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k" if abs(step) >= 1000 else f"{step:g}")
+    )
 
 
 def plot(groups: dict[tuple[str, str, str], list[Run]], metric: str) -> plt.Figure:
@@ -190,9 +211,11 @@ def plot(groups: dict[tuple[str, str, str], list[Run]], metric: str) -> plt.Figu
                 legend = f"{label} ({n} seed{'s' if n > 1 else ''})"
             else:
                 legend = f"{label} ({counts.min()} to {n} seeds per step)"
-                print(f"note: the {n} seeds of {label} on {env_id}, {dataset} evaluated different steps (last: "
-                      f"{', '.join(str(run.evaluations[-1]['step']) for run in runs)}); each step averages the "
-                      f"{counts.min()} to {n} seeds that evaluated it")
+                print(
+                    f"note: the {n} seeds of {label} on {env_id}, {dataset} evaluated different steps (last: "
+                    f"{', '.join(str(run.evaluations[-1]['step']) for run in runs)}); each step averages the "
+                    f"{counts.min()} to {n} seeds that evaluated it"
+                )
             axis.plot(steps, mean, color=colours[label], label=legend, marker="." if len(steps) < 30 else None)
             axis.fill_between(steps, low, high, color=colours[label], alpha=0.2, linewidth=0)
             plotted += 1
@@ -202,7 +225,7 @@ def plot(groups: dict[tuple[str, str, str], list[Run]], metric: str) -> plt.Figu
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
-    for axis in axes.flat[len(panels):]:
+    for axis in axes.flat[len(panels) :]:
         axis.set_visible(False)
     if not plotted:
         fail(f"no run has a {name}: its datasets have no reference returns; plot --metric return instead")
@@ -232,8 +255,10 @@ def main(args: Args) -> None:
     if output.suffix.lstrip(".").lower() not in ("png", "pdf", "svg"):
         fail(f"--output {output}: give a file name ending in .png, .pdf or .svg")
     groups = load_runs(args)
-    print("\nFinal evaluation of each run (its last one; an interrupted run's is earlier), "
-          "mean ± population std over seeds:\n")
+    print(
+        "\nFinal evaluation of each run (its last one; an interrupted run's is earlier), "
+        "mean ± population std over seeds:\n"
+    )
     print("\n".join(table(groups, args.group_by)) + "\n")
     save_atomically(plot(groups, args.metric), output)
     runs = sum(map(len, groups.values()))

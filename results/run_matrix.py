@@ -63,14 +63,14 @@ COLLECT = "python data_collection/collect_dataset.py"
 DATASET_COMMANDS = {
     ("LunarLander-v3", "random"): f"{COLLECT} --env-id LunarLander-v3 --policy random",
     ("LunarLander-v3", "medium"): f"{COLLECT} --env-id LunarLander-v3 --policy expert --algo dqn "
-                                  "--output datasets/LunarLander-v3/medium.npz",
+    "--output datasets/LunarLander-v3/medium.npz",
     ("LunarLander-v3", "noisy"): f"{COLLECT} --env-id LunarLander-v3 --policy noisy",
     ("LunarLander-v3", "expert"): f"{COLLECT} --env-id LunarLander-v3 --policy expert",
     ("Hopper-v5", "medium"): f"{COLLECT} --env-id Hopper-v5 --policy expert --algo sac "
-                             "--output datasets/Hopper-v5/medium.npz",
+    "--output datasets/Hopper-v5/medium.npz",
     ("Hopper-v5", "expert"): f"{COLLECT} --env-id Hopper-v5 --policy expert",
     ("Hopper-v5", "medium-expert"): "python data_collection/mix_datasets.py datasets/Hopper-v5/medium.npz "
-                                    "datasets/Hopper-v5/expert.npz --output datasets/Hopper-v5/medium-expert.npz",
+    "datasets/Hopper-v5/expert.npz --output datasets/Hopper-v5/medium-expert.npz",
     ("Hopper-v5", "random"): f"{COLLECT} --env-id Hopper-v5 --policy random",
     ("BipedalWalker-v3", "random"): f"{COLLECT} --env-id BipedalWalker-v3 --policy random",
     ("BipedalWalker-v3", "noisy"): f"{COLLECT} --env-id BipedalWalker-v3 --policy noisy",
@@ -136,8 +136,18 @@ class Run:
 
     @property
     def command(self) -> list[str]:
-        return ["python", self.algorithm.script, "--dataset", self.dataset_path, "--seed", str(self.seed),
-                "--threads", "1", *self.algorithm.flags, *self.env.extra_flags]
+        return [
+            "python",
+            self.algorithm.script,
+            "--dataset",
+            self.dataset_path,
+            "--seed",
+            str(self.seed),
+            "--threads",
+            "1",
+            *self.algorithm.flags,
+            *self.env.extra_flags,
+        ]
 
     @property
     def record_dir(self) -> Path:
@@ -174,14 +184,20 @@ class Args:
 
 def all_runs() -> list[Run]:
     """In the order they run: env by env, seed by seed, so that a partial matrix has whole seeds."""
-    return [Run(env, dataset, algorithm, seed) for env in MATRIX for seed in SEEDS
-            for dataset in env.datasets for algorithm in env.algorithms]
+    return [
+        Run(env, dataset, algorithm, seed)
+        for env in MATRIX
+        for seed in SEEDS
+        for dataset in env.datasets
+        for algorithm in env.algorithms
+    ]
 
 
 def git_state() -> tuple[str, bool]:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "algorithms"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "algorithms"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     return commit.strip(), bool(dirty.strip())
 
 
@@ -206,8 +222,11 @@ def build_datasets(missing: list[tuple[str, str]], jobs: int) -> None:
     order = list(DATASET_COMMANDS)
     for derived in (False, True):
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(build, sorted((pair for pair in needed if (pair in DATASET_INPUTS) == derived),
-                                        key=order.index)))
+            list(
+                pool.map(
+                    build, sorted((pair for pair in needed if (pair in DATASET_INPUTS) == derived), key=order.index)
+                )
+            )
 
 
 def dataset_fingerprint(path: Path) -> str:
@@ -227,19 +246,27 @@ def check_datasets(todo: list[Run]) -> dict[str, str]:
     fingerprints = {}
     for path in dict.fromkeys(run.dataset_path for run in todo):
         fingerprints[path] = dataset_fingerprint(ROOT / path)
-        used = {json.loads((run.record_dir / "run.json").read_text()).get("dataset_sha256") for run in all_runs()
-                if run.done and run.dataset_path == path} - {None}
+        used = {
+            json.loads((run.record_dir / "run.json").read_text()).get("dataset_sha256")
+            for run in all_runs()
+            if run.done and run.dataset_path == path
+        } - {None}
         if used - {fingerprints[path]}:
-            fail(f"{path} is not the file that the finished runs on it were trained on (sha256 "
-                 f"{fingerprints[path][:12]}, theirs {', '.join(sorted(sha[:12] for sha in used))}): build that file "
-                 "again, or move their records out of results/matrix/ to run them all on this one")
+            fail(
+                f"{path} is not the file that the finished runs on it were trained on (sha256 "
+                f"{fingerprints[path][:12]}, theirs {', '.join(sorted(sha[:12] for sha in used))}): build that file "
+                "again, or move their records out of results/matrix/ to run them all on this one"
+            )
     return fingerprints
 
 
 def expected_minutes(run: Run, finished: list[Run]) -> float:
     """Median wall time of finished runs of the same algorithm and env, else the algorithm's estimate."""
-    times = [json.loads((other.record_dir / "run.json").read_text())["wall_time_s"] / 60 for other in finished
-             if other.env is run.env and other.algorithm is run.algorithm]
+    times = [
+        json.loads((other.record_dir / "run.json").read_text())["wall_time_s"] / 60
+        for other in finished
+        if other.env is run.env and other.algorithm is run.algorithm
+    ]
     return median(times) if times else run.algorithm.minutes
 
 
@@ -271,11 +298,14 @@ def describe_datasets(runs: list[Run]) -> None:
     output = MATRIX_DIR / "datasets.md"
     if not paths or (len(paths) < len(wanted) and output.exists()):
         return
-    table = subprocess.run([sys.executable, DESCRIBE_DATASETS, *paths], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout
+    table = subprocess.run(
+        [sys.executable, DESCRIBE_DATASETS, *paths], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     MATRIX_DIR.mkdir(parents=True, exist_ok=True)
-    output.write_text(f"<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py "
-                      f"{' '.join(paths)} -->\n{table}")
+    output.write_text(
+        f"<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py "
+        f"{' '.join(paths)} -->\n{table}"
+    )
 
 
 def resumable_folder(run: Run, log_path: Path, commit: str) -> Optional[Path]:
@@ -285,8 +315,12 @@ def resumable_folder(run: Run, log_path: Path, commit: str) -> Optional[Path]:
     started_at, folder = re.match(r"# commit (\w+)\n", text), re.search(r"run folder (\S+)", text)
     if started_at is None or folder is None or not (ROOT / folder.group(1) / "checkpoint.pt").is_file():
         return None
-    unchanged = subprocess.run(["git", "diff", "--quiet", started_at.group(1), commit, "--", run.command[1]],
-                               cwd=ROOT).returncode == 0
+    unchanged = (
+        subprocess.run(
+            ["git", "diff", "--quiet", started_at.group(1), commit, "--", run.command[1]], cwd=ROOT
+        ).returncode
+        == 0
+    )
     return ROOT / folder.group(1) if unchanged else None
 
 
@@ -308,8 +342,9 @@ def start(run: Run, commit: str, backend: str) -> tuple["subprocess.Popen | RayR
     with log_path.open("a") as log:
         # A process group of its own, so that Ctrl-C reaches each run once, from main(), not twice (twice stops
         # at once).
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=env)
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     return process, time.time()
 
 
@@ -317,8 +352,9 @@ def run_in_ray_worker(command: list[str], root: str, log_path: str, env: dict) -
     """The body of a run's Ray task: the same command as a local run, on the node the task was placed on.
     ray.cancel raises KeyboardInterrupt here; the run then gets Ctrl-C, writes its checkpoint and stops."""
     with open(log_path, "a") as log:
-        process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=env)
+        process = subprocess.Popen(
+            command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         try:
             return process.wait()
         except KeyboardInterrupt:
@@ -343,8 +379,11 @@ class RayRun:
         if self.returncode is None and self.ray.wait([self.reference], timeout=0)[0]:
             try:
                 self.returncode = self.ray.get(self.reference)
-            except (self.ray.exceptions.TaskCancelledError, self.ray.exceptions.RayTaskError,
-                    self.ray.exceptions.WorkerCrashedError):
+            except (
+                self.ray.exceptions.TaskCancelledError,
+                self.ray.exceptions.RayTaskError,
+                self.ray.exceptions.WorkerCrashedError,
+            ):
                 self.returncode = 130
         return self.returncode
 
@@ -380,12 +419,23 @@ def finish(run: Run, returncode: int, started: float, commit: str, dataset_sha25
     kept_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(run_dir), kept_dir)
     record = {
-        "key": run.key, "env_id": run.env.env_id, "dataset": run.dataset, "algorithm": run.algorithm.label,
-        "seed": run.seed, "command": shlex.join(run.command), "commit": commit, "dataset_sha256": dataset_sha256,
+        "key": run.key,
+        "env_id": run.env.env_id,
+        "dataset": run.dataset,
+        "algorithm": run.algorithm.label,
+        "seed": run.seed,
+        "command": shlex.join(run.command),
+        "commit": commit,
+        "dataset_sha256": dataset_sha256,
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_time_s": round(wall_time, 1), "run_folder": str(kept_dir.relative_to(ROOT)),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": 1,
-                    "python": platform.python_version()},
+        "wall_time_s": round(wall_time, 1),
+        "run_folder": str(kept_dir.relative_to(ROOT)),
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": 1,
+            "python": platform.python_version(),
+        },
     }
     (partial / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(run.record_dir, ignore_errors=True)
@@ -408,8 +458,10 @@ def connect_to_ray(address: Optional[str]) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        fail(f"cannot reach a Ray cluster at {address}: {str(error).strip().splitlines()[0]} "
-             f"(start one with `ray start --head`, then give --address auto or its host:port)")
+        fail(
+            f"cannot reach a Ray cluster at {address}: {str(error).strip().splitlines()[0]} "
+            f"(start one with `ray start --head`, then give --address auto or its host:port)"
+        )
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs in the cluster, one per run", flush=True)
 
 
@@ -430,16 +482,21 @@ def main(args: Args) -> None:
         return
     commit, dirty = git_state()
     if dirty and not args.allow_dirty:
-        fail("algorithms/ has uncommitted changes, so run.json's commit would not be the code that ran: "
-             "commit them first (or pass --allow-dirty for a trial).")
-    missing = sorted({(run.env.env_id, run.dataset) for run in runs if not run.done
-                      and not (ROOT / run.dataset_path).exists()})
+        fail(
+            "algorithms/ has uncommitted changes, so run.json's commit would not be the code that ran: "
+            "commit them first (or pass --allow-dirty for a trial)."
+        )
+    missing = sorted(
+        {(run.env.env_id, run.dataset) for run in runs if not run.done and not (ROOT / run.dataset_path).exists()}
+    )
     if missing and args.build_datasets:
         build_datasets(missing, args.jobs)
         describe_datasets(all_runs())
     elif missing:
-        fail("missing datasets; build them with --build-datasets, or from the repository root with:\n"
-             + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing))
+        fail(
+            "missing datasets; build them with --build-datasets, or from the repository root with:\n"
+            + "\n".join(f"  {DATASET_COMMANDS[pair]}" for pair in missing)
+        )
 
     todo = [run for run in runs if not run.done]
     fingerprints = check_datasets(todo)
@@ -452,15 +509,20 @@ def main(args: Args) -> None:
             while todo and len(running) < args.jobs:
                 todo = [run for run in todo if not run.done]  # a record may have come in meanwhile (check_reuse)
                 finished = [run for run in all_runs() if run.done]
-                fitting = [run for run in todo if deadline is None
-                           or time.time() + 60 * expected_minutes(run, finished) < deadline]
+                fitting = [
+                    run
+                    for run in todo
+                    if deadline is None or time.time() + 60 * expected_minutes(run, finished) < deadline
+                ]
                 if not fitting:
                     break
                 run = fitting[0]
                 todo.remove(run)
                 running[run] = start(run, commit, args.backend)
-                print(f"[{time.strftime('%H:%M')}] start {run.key} (about {expected_minutes(run, finished):.0f} min)",
-                      flush=True)
+                print(
+                    f"[{time.strftime('%H:%M')}] start {run.key} (about {expected_minutes(run, finished):.0f} min)",
+                    flush=True,
+                )
             if not running:
                 if todo:
                     print(f"{len(todo)} runs left that would not end within --stop-within")
@@ -469,8 +531,9 @@ def main(args: Args) -> None:
             for run, (process, started) in list(running.items()):
                 if process.poll() is not None:
                     del running[run]
-                    outcome = finish(run, process.returncode, started, commit, fingerprints[run.dataset_path],
-                                     args.max_points)
+                    outcome = finish(
+                        run, process.returncode, started, commit, fingerprints[run.dataset_path], args.max_points
+                    )
                     print(f"[{time.strftime('%H:%M')}] done  {run.key}: {outcome}", flush=True)
     except KeyboardInterrupt:
         print("stopping: each run writes its checkpoint, and the next start goes on from there", flush=True)

@@ -101,15 +101,23 @@ def agents(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hub_cache(agents, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("hf-cache")
-    add_to_hub_cache(cache, "sb3/ppo-CartPole-v1", {
-        "ppo-CartPole-v1.zip": agents["cartpole"] / "ppo-CartPole-v1.zip",
-        "config.yml": agents["cartpole"] / "config.yml",
-    })
-    add_to_hub_cache(cache, "sb3/ppo-Pendulum-v1", {
-        "ppo-Pendulum-v1.zip": agents["pendulum"] / "ppo-Pendulum-v1.zip",
-        "config.yml": agents["pendulum"] / "config.yml",
-        "vec_normalize.pkl": agents["pendulum"] / "vec_normalize.pkl",
-    })
+    add_to_hub_cache(
+        cache,
+        "sb3/ppo-CartPole-v1",
+        {
+            "ppo-CartPole-v1.zip": agents["cartpole"] / "ppo-CartPole-v1.zip",
+            "config.yml": agents["cartpole"] / "config.yml",
+        },
+    )
+    add_to_hub_cache(
+        cache,
+        "sb3/ppo-Pendulum-v1",
+        {
+            "ppo-Pendulum-v1.zip": agents["pendulum"] / "ppo-Pendulum-v1.zip",
+            "config.yml": agents["pendulum"] / "config.yml",
+            "vec_normalize.pkl": agents["pendulum"] / "vec_normalize.pkl",
+        },
+    )
     return cache
 
 
@@ -125,7 +133,11 @@ def run_script(script: Path, args: list[str], env: dict[str, str]) -> subprocess
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str, returncode: int | None = None) -> None:
     """A user mistake: a non-zero exit (exactly `returncode` if given), no traceback, and each fragment in stderr."""
-    assert result.returncode != 0 and returncode in (None, result.returncode), (result.returncode, result.stdout, result.stderr)
+    assert result.returncode != 0 and returncode in (None, result.returncode), (
+        result.returncode,
+        result.stdout,
+        result.stderr,
+    )
     assert "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr)
@@ -167,7 +179,9 @@ def pendulum_controller(observations: np.ndarray) -> np.ndarray:
     return np.clip(np.where(cos > 0.85, balance, pump), -2.0, 2.0)[:, None].astype(np.float32)
 
 
-def write_scripted_dataset(path: Path, env_id: str, controller, random_action_prob: float, num_transitions: int, seed: int = 0):
+def write_scripted_dataset(
+    path: Path, env_id: str, controller, random_action_prob: float, num_transitions: int, seed: int = 0
+):
     """A dataset of `controller` taking a uniform random action with probability `random_action_prob`, collected
     by the collector's own rollout code and written in the format of data_collection/dataset_io.py."""
     import gymnasium as gym
@@ -186,11 +200,20 @@ def write_scripted_dataset(path: Path, env_id: str, controller, random_action_pr
     arrays = collect(env_id, act, num_transitions, num_envs=4, seed=seed)
     seeds = [10_000 + i for i in range(5)]
     metadata = {
-        "env_id": env_id, "policy": "scripted", "agent": None, "noise": {"random_action_prob": random_action_prob},
-        "seed": seed, "num_transitions": num_transitions, "gymnasium_version": gym.__version__, "created_by": "tests",
-        "observation_space": describe_space(env.observation_space), "action_space": describe_space(env.action_space),
+        "env_id": env_id,
+        "policy": "scripted",
+        "agent": None,
+        "noise": {"random_action_prob": random_action_prob},
+        "seed": seed,
+        "num_transitions": num_transitions,
+        "gymnasium_version": gym.__version__,
+        "created_by": "tests",
+        "observation_space": describe_space(env.observation_space),
+        "action_space": describe_space(env.action_space),
         "reference_returns": {
-            "random": float(run_episodes(env_id, lambda obs: uniform_actions(env.action_space, rng, len(obs)), seeds).mean()),
+            "random": float(
+                run_episodes(env_id, lambda obs: uniform_actions(env.action_space, rng, len(obs)), seeds).mean()
+            ),
             "expert": float(run_episodes(env_id, controller, seeds).mean()),
         },
     }
@@ -201,8 +224,14 @@ def write_scripted_dataset(path: Path, env_id: str, controller, random_action_pr
 def run_algorithm(name: str, args: list, cwd: Path) -> subprocess.CompletedProcess:
     """Run an algorithm script as a user does, from `cwd` (where its runs/ folder goes), one torch thread."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(ALGORITHMS / f"{name}.py"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(ALGORITHMS / f"{name}.py"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cwd,
+    )
 
 
 def run_folder(cwd: Path) -> Path:
@@ -210,10 +239,29 @@ def run_folder(cwd: Path) -> Path:
     return folder
 
 
-SUMMARY_KEYS = {"args", "env_id", "dataset", "run_dir", "model_path", "final_returns", "final_mean_return", "final_std_return",
-                "final_normalized_score", "total_steps", "wall_time_s", "eval_time_s", "updates_per_second", "evaluations"}
-EVALUATION_TAGS = {"charts/SPS", "eval/episodic_return", "eval/normalized_score", "diagnostics/q_initial",
-                   "diagnostics/discounted_return_initial"}
+SUMMARY_KEYS = {
+    "args",
+    "env_id",
+    "dataset",
+    "run_dir",
+    "model_path",
+    "final_returns",
+    "final_mean_return",
+    "final_std_return",
+    "final_normalized_score",
+    "total_steps",
+    "wall_time_s",
+    "eval_time_s",
+    "updates_per_second",
+    "evaluations",
+}
+EVALUATION_TAGS = {
+    "charts/SPS",
+    "eval/episodic_return",
+    "eval/normalized_score",
+    "diagnostics/q_initial",
+    "diagnostics/discounted_return_initial",
+}
 
 
 def train(name: str, dataset: Path, args: list, cwd: Path) -> dict:
@@ -223,8 +271,16 @@ def train(name: str, dataset: Path, args: list, cwd: Path) -> dict:
     return json.loads((run_folder(cwd) / "summary.json").read_text())
 
 
-def check_run_folder(cwd: Path, name: str, env_id: str, seed: int, eval_steps: list[int], episodes: int,
-                     loss_tags: set[str], has_q_values: bool = True) -> tuple[Path, dict]:
+def check_run_folder(
+    cwd: Path,
+    name: str,
+    env_id: str,
+    seed: int,
+    eval_steps: list[int],
+    episodes: int,
+    loss_tags: set[str],
+    has_q_values: bool = True,
+) -> tuple[Path, dict]:
     """What every algorithm promises after a run with --capture-video: the run folder's name, TensorBoard events
     with the shared tags (q_initial only where the script has Q-values) and the script's losses, a video,
     summary.json with its keys and one entry per evaluation. Returns the folder and the summary."""
@@ -250,7 +306,9 @@ def pendulum_dataset(tmp_path_factory) -> Path:
     the time (its episodes: about -470); no terminations, only time-limit truncations; actions in [-2, 2]."""
     path = tmp_path_factory.mktemp("data") / "Pendulum-v1" / "scripted.npz"
     path.parent.mkdir()
-    return write_scripted_dataset(path, "Pendulum-v1", pendulum_controller, random_action_prob=0.2, num_transitions=10_000)
+    return write_scripted_dataset(
+        path, "Pendulum-v1", pendulum_controller, random_action_prob=0.2, num_transitions=10_000
+    )
 
 
 @pytest.fixture(scope="session")
@@ -259,4 +317,6 @@ def cartpole_dataset(tmp_path_factory) -> Path:
     episodes fail (terminations), and the data's mean return (about 310) is well below the controller's 500."""
     path = tmp_path_factory.mktemp("data") / "CartPole-v1" / "scripted.npz"
     path.parent.mkdir()
-    return write_scripted_dataset(path, "CartPole-v1", cartpole_controller, random_action_prob=0.4, num_transitions=5000)
+    return write_scripted_dataset(
+        path, "CartPole-v1", cartpole_controller, random_action_prob=0.4, num_transitions=5000
+    )

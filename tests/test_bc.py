@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -43,14 +44,49 @@ def test_deterministic_action(bc):
     assert bc.deterministic_action(output, False, True).item() == pytest.approx(math.tanh(0.5), abs=1e-6)
 
 
+def test_one_update_takes_one_gradient_step_of_the_loss_computed_by_hand(bc):
+    torch.manual_seed(0)
+    for discrete in (True, False):
+        policy = bc.Policy(3, 2, 16, 2)
+        policy.obs_mean.fill_(0.5)
+        policy.obs_std.fill_(2.0)
+        by_hand = copy.deepcopy(policy)
+        observations = torch.randn(8, 3)
+        actions = torch.randint(2, (8,)) if discrete else torch.rand(8, 2) * 2 - 1
+        batch = {"observations": observations, "actions": actions}
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+        scalars = bc.update(1, batch, policy, optimizer, bc.AlgorithmArgs(box_loss="mse"))
+        output = by_hand.network((observations - 0.5) / 2.0)  # the standardisation done by hand
+        if discrete:  # -log softmax(f(s))[a], and the share of argmax f(s) == a before the step
+            loss = -(output - output.exp().sum(dim=-1, keepdim=True).log())[torch.arange(8), actions].mean()
+            diagnostic = "diagnostics/accuracy", (output.argmax(dim=-1) == actions).float().mean()
+        else:  # (tanh(f(s)) - a)^2 averaged over the batch and the action dimensions
+            loss = ((torch.tanh(output) - actions) ** 2).mean()
+            diagnostic = "diagnostics/action_mse", loss
+        loss.backward()
+        assert set(scalars) == {"losses/bc_loss", diagnostic[0]} and not scalars["losses/bc_loss"].requires_grad
+        assert scalars["losses/bc_loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+        assert scalars[diagnostic[0]].item() == pytest.approx(diagnostic[1].item(), rel=1e-5)
+        for moved, before in zip(policy.parameters(), by_hand.parameters()):  # one SGD step: p - lr * grad
+            torch.testing.assert_close(moved, before - 0.1 * before.grad)
+        assert policy.obs_mean.tolist() == [0.5] * 3 and policy.obs_std.tolist() == [2.0] * 3
+
+
 # ------------------------------------------------------------------------------------ end to end
-@pytest.mark.parametrize(("dataset", "env_id", "extra"), [
-    ("cartpole_dataset", "CartPole-v1", []),
-    ("pendulum_dataset", "Pendulum-v1", ["--box-loss", "mse"]),
-])
+@pytest.mark.parametrize(
+    ("dataset", "env_id", "extra"),
+    [
+        ("cartpole_dataset", "CartPole-v1", []),
+        ("pendulum_dataset", "Pendulum-v1", ["--box-loss", "mse"]),
+    ],
+)
 def test_run_writes_events_model_summary_and_video(dataset, env_id, extra, request, tmp_path, bc):
-    train("bc", request.getfixturevalue(dataset), ["--total-steps", 200, "--eval-freq", 100, "--eval-episodes", 2,
-                                                   "--capture-video", "--seed", 3, *extra], tmp_path)
+    train(
+        "bc",
+        request.getfixturevalue(dataset),
+        ["--total-steps", 200, "--eval-freq", 100, "--eval-episodes", 2, "--capture-video", "--seed", 3, *extra],
+        tmp_path,
+    )
     folder, _ = check_run_folder(tmp_path, "bc", env_id, 3, [100, 200], 2, {"losses/bc_loss"}, has_q_values=False)
     policy = bc.Policy(4, 2, 256, 2) if env_id == "CartPole-v1" else bc.Policy(3, 1, 256, 2)
     policy.load_state_dict(torch.load(folder / "bc.pt", weights_only=True))
@@ -59,23 +95,32 @@ def test_run_writes_events_model_summary_and_video(dataset, env_id, extra, reque
 def test_learns_cartpole_from_a_noisy_controller(cartpole_dataset, tmp_path):
     # The controller's action is the majority at each state (60% + half of the 40% random), so imitation
     # recovers the controller (500), well above the data's episodes (about 310).
-    summary = train("bc", cartpole_dataset, ["--total-steps", 2000, "--eval-freq", 2000, "--eval-episodes", 5,
-                                             "--no-save-model"], tmp_path)
+    summary = train(
+        "bc",
+        cartpole_dataset,
+        ["--total-steps", 2000, "--eval-freq", 2000, "--eval-episodes", 5, "--no-save-model"],
+        tmp_path,
+    )
     assert summary["final_mean_return"] >= 450, summary["final_returns"]
 
 
 def test_gaussian_learns_pendulum_swing_up(pendulum_dataset, tmp_path):
     # The data's episodes average about -470; the controller gets about -130.
-    summary = train("bc", pendulum_dataset, ["--total-steps", 2000, "--eval-freq", 2000, "--eval-episodes", 5,
-                                             "--box-loss", "gaussian", "--no-save-model"], tmp_path)
+    summary = train(
+        "bc",
+        pendulum_dataset,
+        ["--total-steps", 2000, "--eval-freq", 2000, "--eval-episodes", 5, "--box-loss", "gaussian", "--no-save-model"],
+        tmp_path,
+    )
     assert summary["final_mean_return"] >= -300, summary["final_returns"]
 
 
 # ------------------------------------------------------------------------------------ bad input
 def test_missing_dataset_prints_the_command_that_makes_it(tmp_path):
     result = run_algorithm("bc", ["--dataset", "datasets/Hopper-v5/noisy.npz"], cwd=tmp_path)
-    assert_clean_failure(result, "does not exist",
-                         "python data_collection/collect_dataset.py --env-id Hopper-v5 --policy noisy")
+    assert_clean_failure(
+        result, "does not exist", "python data_collection/collect_dataset.py --env-id Hopper-v5 --policy noisy"
+    )
 
 
 def test_env_not_matching_dataset_prints_both(cartpole_dataset, pendulum_dataset, tmp_path):
@@ -86,6 +131,20 @@ def test_env_not_matching_dataset_prints_both(cartpole_dataset, pendulum_dataset
 
 
 def test_diverging_loss_stops_with_the_step(pendulum_dataset, tmp_path):
-    result = run_algorithm("bc", ["--dataset", pendulum_dataset, "--box-loss", "gaussian", "--learning-rate", 1e10,
-                                  "--total-steps", 1000, "--eval-freq", 1000], cwd=tmp_path)
+    result = run_algorithm(
+        "bc",
+        [
+            "--dataset",
+            pendulum_dataset,
+            "--box-loss",
+            "gaussian",
+            "--learning-rate",
+            1e10,
+            "--total-steps",
+            1000,
+            "--eval-freq",
+            1000,
+        ],
+        cwd=tmp_path,
+    )
     assert_clean_failure(result, "at gradient step", "last finite losses")

@@ -6,10 +6,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from conftest import COLLECTOR, load_npz, offline_env, run_script
+from dataset_io import ARRAY_KEYS, REQUIRED_METADATA
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecNormalize
-
-from dataset_io import ARRAY_KEYS, REQUIRED_METADATA
 
 
 def collect(hub_cache, output, *extra):
@@ -22,13 +21,28 @@ def collect(hub_cache, output, *extra):
 def cartpole_expert(hub_cache, tmp_path_factory):
     output = tmp_path_factory.mktemp("cartpole") / "expert.npz"
     # 1003 is not a multiple of 4 envs: the last step is partly cut off.
-    return collect(hub_cache, output, "--env-id", "CartPole-v1", "--algo", "ppo", "--num-transitions", 1003, "--num-envs", 4)
+    return collect(
+        hub_cache, output, "--env-id", "CartPole-v1", "--algo", "ppo", "--num-transitions", 1003, "--num-envs", 4
+    )
 
 
 @pytest.fixture(scope="module")
 def pendulum_expert(hub_cache, tmp_path_factory):
     output = tmp_path_factory.mktemp("pendulum") / "expert.npz"
-    return collect(hub_cache, output, "--env-id", "Pendulum-v1", "--algo", "ppo", "--num-transitions", 900, "--num-envs", 3, "--seed", 7)
+    return collect(
+        hub_cache,
+        output,
+        "--env-id",
+        "Pendulum-v1",
+        "--algo",
+        "ppo",
+        "--num-transitions",
+        900,
+        "--num-envs",
+        3,
+        "--seed",
+        7,
+    )
 
 
 def episode_slices(arrays):
@@ -62,9 +76,14 @@ def test_schema_and_dtypes(cartpole_expert, pendulum_expert):
 
 def test_expert_actions_are_the_agents_deterministic_actions(agents, cartpole_expert):
     arrays, _ = cartpole_expert
-    model = PPO.load(agents["cartpole"] / "ppo-CartPole-v1.zip", device="cpu", custom_objects={
-        "observation_space": gym.make("CartPole-v1").observation_space, "action_space": gym.make("CartPole-v1").action_space,
-    })
+    model = PPO.load(
+        agents["cartpole"] / "ppo-CartPole-v1.zip",
+        device="cpu",
+        custom_objects={
+            "observation_space": gym.make("CartPole-v1").observation_space,
+            "action_space": gym.make("CartPole-v1").action_space,
+        },
+    )
     expected, _ = model.predict(arrays["observations"], deterministic=True)
     np.testing.assert_array_equal(arrays["actions"], expected)
 
@@ -75,8 +94,11 @@ def test_vec_normalize_agent_sees_normalised_inputs_file_holds_raw(agents, pendu
     # Raw Pendulum observations are (cos theta, sin theta, theta dot): on the unit circle, |theta dot| <= 8.
     np.testing.assert_allclose(observations[:, 0] ** 2 + observations[:, 1] ** 2, 1.0, atol=1e-5)
     env = gym.make("Pendulum-v1")
-    model = PPO.load(agents["pendulum"] / "ppo-Pendulum-v1.zip", device="cpu",
-                     custom_objects={"observation_space": env.observation_space, "action_space": env.action_space})
+    model = PPO.load(
+        agents["pendulum"] / "ppo-Pendulum-v1.zip",
+        device="cpu",
+        custom_objects={"observation_space": env.observation_space, "action_space": env.action_space},
+    )
     with open(agents["pendulum"] / "vec_normalize.pkl", "rb") as file:
         from collect_dataset import GymToGymnasiumUnpickler
 
@@ -127,7 +149,16 @@ def test_episode_returns_match_rewards(cartpole_expert, pendulum_expert):
 
 def test_same_seed_same_file(hub_cache, tmp_path, cartpole_expert):
     again, metadata = collect(
-        hub_cache, tmp_path / "again.npz", "--env-id", "CartPole-v1", "--algo", "ppo", "--num-transitions", 1003, "--num-envs", 4,
+        hub_cache,
+        tmp_path / "again.npz",
+        "--env-id",
+        "CartPole-v1",
+        "--algo",
+        "ppo",
+        "--num-transitions",
+        1003,
+        "--num-envs",
+        4,
     )
     arrays, first_metadata = cartpole_expert
     for key in ARRAY_KEYS:
@@ -138,8 +169,22 @@ def test_same_seed_same_file(hub_cache, tmp_path, cartpole_expert):
 def test_same_file_whatever_code_path_the_matrix_products_take(hub_cache, tmp_path, pendulum_expert):
     """MKL_CBWR=COMPATIBLE makes MKL sum its products in another order, as another CPU does: the file is the same."""
     output = tmp_path / "compatible.npz"
-    args = ["--output", output, "--reference-episodes", 2, "--env-id", "Pendulum-v1", "--algo", "ppo",
-            "--num-transitions", 900, "--num-envs", 3, "--seed", 7]
+    args = [
+        "--output",
+        output,
+        "--reference-episodes",
+        2,
+        "--env-id",
+        "Pendulum-v1",
+        "--algo",
+        "ppo",
+        "--num-transitions",
+        900,
+        "--num-envs",
+        3,
+        "--seed",
+        7,
+    ]
     result = run_script(COLLECTOR, args, dict(offline_env(hub_cache), MKL_CBWR="COMPATIBLE"))
     assert result.returncode == 0, result.stderr
     again, metadata = load_npz(output)
@@ -150,23 +195,51 @@ def test_same_file_whatever_code_path_the_matrix_products_take(hub_cache, tmp_pa
 
 
 def test_noisy_discrete_takes_random_actions_at_the_given_rate(agents, hub_cache, tmp_path):
-    arrays, metadata = collect(hub_cache, tmp_path / "noisy.npz", "--env-id", "CartPole-v1", "--policy", "noisy",
-                               "--algo", "ppo", "--num-transitions", 4000, "--random-action-prob", 0.5)
+    arrays, metadata = collect(
+        hub_cache,
+        tmp_path / "noisy.npz",
+        "--env-id",
+        "CartPole-v1",
+        "--policy",
+        "noisy",
+        "--algo",
+        "ppo",
+        "--num-transitions",
+        4000,
+        "--random-action-prob",
+        0.5,
+    )
     assert metadata["noise"] == {"random_action_prob": 0.5}
     env = gym.make("CartPole-v1")
-    model = PPO.load(agents["cartpole"] / "ppo-CartPole-v1.zip", device="cpu",
-                     custom_objects={"observation_space": env.observation_space, "action_space": env.action_space})
+    model = PPO.load(
+        agents["cartpole"] / "ppo-CartPole-v1.zip",
+        device="cpu",
+        custom_objects={"observation_space": env.observation_space, "action_space": env.action_space},
+    )
     expert_actions, _ = model.predict(arrays["observations"], deterministic=True)
     # A uniform action differs from the expert's with probability 1/2 among 2 actions: 0.5 * 0.5 = 0.25.
     assert 0.2 < np.mean(arrays["actions"] != expert_actions) < 0.3
 
 
 def test_noisy_and_random_box_actions_stay_in_bounds(hub_cache, tmp_path):
-    noisy, metadata = collect(hub_cache, tmp_path / "noisy.npz", "--env-id", "Pendulum-v1", "--policy", "noisy",
-                              "--algo", "ppo", "--num-transitions", 400, "--noise-std", 0.5)
+    noisy, metadata = collect(
+        hub_cache,
+        tmp_path / "noisy.npz",
+        "--env-id",
+        "Pendulum-v1",
+        "--policy",
+        "noisy",
+        "--algo",
+        "ppo",
+        "--num-transitions",
+        400,
+        "--noise-std",
+        0.5,
+    )
     assert metadata["noise"] == {"random_action_prob": 0.3, "gaussian_std": 0.5}
-    random, random_metadata = collect(hub_cache, tmp_path / "random.npz", "--env-id", "Pendulum-v1", "--policy", "random",
-                                      "--num-transitions", 400)
+    random, random_metadata = collect(
+        hub_cache, tmp_path / "random.npz", "--env-id", "Pendulum-v1", "--policy", "random", "--num-transitions", 400
+    )
     assert random_metadata["agent"] is None
     # Pendulum has no default expert and no agent was named: the expert reference is left empty.
     assert random_metadata["reference_returns"]["expert"] is None
@@ -176,9 +249,20 @@ def test_noisy_and_random_box_actions_stay_in_bounds(hub_cache, tmp_path):
 
 
 def test_agent_path_uses_local_zip_and_its_vec_normalize(agents, tmp_path, pendulum_expert):
-    arrays, metadata = collect(tmp_path / "empty-cache", tmp_path / "local.npz", "--env-id", "Pendulum-v1",
-                               "--agent-path", agents["pendulum"] / "ppo-Pendulum-v1.zip",
-                               "--num-transitions", 900, "--num-envs", 3, "--seed", 7)
+    arrays, metadata = collect(
+        tmp_path / "empty-cache",
+        tmp_path / "local.npz",
+        "--env-id",
+        "Pendulum-v1",
+        "--agent-path",
+        agents["pendulum"] / "ppo-Pendulum-v1.zip",
+        "--num-transitions",
+        900,
+        "--num-envs",
+        3,
+        "--seed",
+        7,
+    )
     assert metadata["agent"] == str(agents["pendulum"] / "ppo-Pendulum-v1.zip")
     assert metadata["vec_normalize"] is True
     np.testing.assert_array_equal(arrays["actions"], pendulum_expert[0]["actions"])

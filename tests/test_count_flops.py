@@ -30,8 +30,11 @@ print("trained")
 
 
 def count(script, updates_flag: int, updates_run: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, COUNTER, "--updates", str(updates_flag), "--", str(script), str(updates_run)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, COUNTER, "--updates", str(updates_flag), "--", str(script), str(updates_run)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_counts_one_update_by_hand(tmp_path):
@@ -53,10 +56,15 @@ def test_wrong_update_count_is_refused(tmp_path):
 def test_uneven_updates_as_a_delayed_actor(tmp_path):
     # The second optimizer steps every other update (TD3's delayed actor): 7 updates make 7 + 4 optimizer steps.
     script = tmp_path / "train.py"
-    script.write_text(TRAINING_LOOP.replace("first_optimizer.step(); second_optimizer.step()",
-                                            "first_optimizer.step()\n    if _ % 2 == 0: second_optimizer.step()"))
+    script.write_text(
+        TRAINING_LOOP.replace(
+            "first_optimizer.step(); second_optimizer.step()",
+            "first_optimizer.step()\n    if _ % 2 == 0: second_optimizer.step()",
+        )
+    )
     assert_clean_failure(count(script, 7, 7), "11 optimizer steps for 7 updates", "--uneven")
-    result = subprocess.run([sys.executable, COUNTER, "--updates", "7", "--uneven", "--", str(script), "7"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, COUNTER, "--updates", "7", "--uneven", "--", str(script), "7"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"flops_per_update": 420.0, "optimizer_steps": 11}

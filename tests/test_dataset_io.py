@@ -13,14 +13,24 @@ from dataset_io import save_dataset
 
 def tiny_dataset() -> tuple[dict[str, np.ndarray], dict]:
     arrays = {
-        "observations": np.zeros((3, 2), np.float32), "actions": np.zeros(3, np.int64),
-        "rewards": np.ones(3, np.float32), "next_observations": np.zeros((3, 2), np.float32),
-        "terminations": np.array([False, False, True]), "truncations": np.zeros(3, bool),
+        "observations": np.zeros((3, 2), np.float32),
+        "actions": np.zeros(3, np.int64),
+        "rewards": np.ones(3, np.float32),
+        "next_observations": np.zeros((3, 2), np.float32),
+        "terminations": np.array([False, False, True]),
+        "truncations": np.zeros(3, bool),
         "episode_returns": np.array([3.0], np.float32),
     }
     metadata = {
-        "env_id": "CartPole-v1", "policy": "test", "agent": None, "noise": None, "seed": 0, "num_transitions": 3,
-        "gymnasium_version": "test", "created_by": "tests", "reference_returns": {"random": 0.0, "expert": 1.0},
+        "env_id": "CartPole-v1",
+        "policy": "test",
+        "agent": None,
+        "noise": None,
+        "seed": 0,
+        "num_transitions": 3,
+        "gymnasium_version": "test",
+        "created_by": "tests",
+        "reference_returns": {"random": 0.0, "expert": 1.0},
     }
     return arrays, metadata
 
@@ -35,7 +45,8 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     output = tmp_path / "x.npz"
     dead, alive = dead_pid(), os.getpid()
     stale = [
-        tmp_path / f".x.npz.{dead}.abc123.tmp", tmp_path / f".x.npz.{dead}.abc123.probe",
+        tmp_path / f".x.npz.{dead}.abc123.tmp",
+        tmp_path / f".x.npz.{dead}.abc123.probe",
         tmp_path / ".x.npz.old_one.tmp",  # no PID in the name, and two hours old
     ]
     kept = [

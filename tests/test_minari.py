@@ -12,7 +12,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from conftest import (
-    ROOT, assert_clean_failure, load_npz, offline_env, pendulum_controller, run_algorithm, run_folder, run_script,
+    ROOT,
+    assert_clean_failure,
+    load_npz,
+    offline_env,
+    pendulum_controller,
+    run_algorithm,
+    run_folder,
+    run_script,
     write_scripted_dataset,
 )
 
@@ -55,8 +62,13 @@ def rollout(env: gym.Env, seed: int, cut_after: int | None = None, flag_cut: boo
         truncations.append(truncated)
         if terminated or truncated or len(rewards) == cut_after:
             break
-    return EpisodeBuffer(observations=np.array(observations), actions=np.array(actions), rewards=np.array(rewards),
-                         terminations=np.array(terminations), truncations=np.array(truncations))
+    return EpisodeBuffer(
+        observations=np.array(observations),
+        actions=np.array(actions),
+        rewards=np.array(rewards),
+        terminations=np.array(terminations),
+        truncations=np.array(truncations),
+    )
 
 
 def make_minari_dataset(dataset_id: str, env: str | EnvSpec, buffers: list[EpisodeBuffer], **kwargs):
@@ -87,8 +99,11 @@ def test_import_discrete_then_train_bc(minari_folder, tmp_path):
     buffers.append(rollout(env, 11, cut_after=7, flag_cut=False))
     make_minari_dataset("tests/cartpole/random-v0", "CartPole-v1", buffers, algorithm_name="uniform random")
     output = tmp_path / "cartpole.npz"
-    result = run_script(IMPORTER, ["tests/cartpole/random-v0", "--output", output, "--reference-episodes", 2],
-                        environment(minari_folder))
+    result = run_script(
+        IMPORTER,
+        ["tests/cartpole/random-v0", "--output", output, "--reference-episodes", 2],
+        environment(minari_folder),
+    )
     assert result.returncode == 0, result.stderr
     assert "1 of 12 Minari episodes end with neither a termination nor a truncation" in result.stdout
     assert f"wrote {output}: " in result.stdout and "11 complete episodes" in result.stdout
@@ -117,8 +132,11 @@ def test_import_discrete_then_train_bc(minari_folder, tmp_path):
     references = metadata["reference_returns"]
     assert references["expert"] is None and 5.0 < references["random"] < 100.0 and references["episodes"] == 2
 
-    result = run_algorithm("bc", ["--dataset", output, "--total-steps", 20, "--eval-freq", 20, "--eval-episodes", 2,
-                                  "--seed", 5], cwd=tmp_path)
+    result = run_algorithm(
+        "bc",
+        ["--dataset", output, "--total-steps", 20, "--eval-freq", 20, "--eval-episodes", 2, "--seed", 5],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_folder(tmp_path) / "summary.json").read_text())
     assert summary["total_steps"] == 20 and len(summary["final_returns"]) == 2
@@ -127,11 +145,20 @@ def test_import_discrete_then_train_bc(minari_folder, tmp_path):
 
 def test_import_box_maps_an_old_env_id_and_keeps_ref_scores(minari_folder, tmp_path):
     # An old dataset: collected on LunarLanderContinuous-v2, which today's gymnasium replaces by -v3.
-    old = EnvSpec(id="LunarLanderContinuous-v2", entry_point="gymnasium.envs.box2d.lunar_lander:LunarLander",
-                  kwargs={"continuous": True}, max_episode_steps=1000)
+    old = EnvSpec(
+        id="LunarLanderContinuous-v2",
+        entry_point="gymnasium.envs.box2d.lunar_lander:LunarLander",
+        kwargs={"continuous": True},
+        max_episode_steps=1000,
+    )
     env = gym.make(old)
-    make_minari_dataset("tests/lander/random-v1", old, [rollout(env, seed) for seed in range(2)],
-                        ref_min_score=-250.0, ref_max_score=280.0)
+    make_minari_dataset(
+        "tests/lander/random-v1",
+        old,
+        [rollout(env, seed) for seed in range(2)],
+        ref_min_score=-250.0,
+        ref_max_score=280.0,
+    )
     output = tmp_path / "lander.npz"
     result = run_script(IMPORTER, ["tests/lander/random-v1", "--output", output], environment(minari_folder))
     assert result.returncode == 0, result.stderr
@@ -154,8 +181,9 @@ def test_export_then_load_with_minari_and_import_back(minari_folder, tmp_path):
     # 4 envs of 250 steps each: 4 complete Pendulum episodes (200 steps, time-limit truncations) and 4 cut ones.
     ours = write_scripted_dataset(tmp_path / "scripted.npz", "Pendulum-v1", pendulum_controller, 0.2, 1000)
     arrays, metadata = load_npz(ours)
-    result = run_script(EXPORTER, [ours, "--dataset-id", "ours/pendulum/scripted-v0", "--author", "Ada"],
-                        environment(minari_folder))
+    result = run_script(
+        EXPORTER, [ours, "--dataset-id", "ours/pendulum/scripted-v0", "--author", "Ada"], environment(minari_folder)
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote Minari dataset ours/pendulum/scripted-v0" in result.stdout
 
@@ -196,17 +224,17 @@ def test_export_refuses_an_existing_or_malformed_id(minari_folder, tmp_path):
 
 def test_import_refuses_unknown_and_malformed_ids(minari_folder):
     result = run_script(IMPORTER, ["tests/nothing-v0"], environment(minari_folder))
-    assert_clean_failure(result, "not in the local Minari folder", "`minari download tests/nothing-v0`", "--download",
-                         returncode=2)
+    assert_clean_failure(
+        result, "not in the local Minari folder", "`minari download tests/nothing-v0`", "--download", returncode=2
+    )
     result = run_script(IMPORTER, ["hopper medium"], environment(minari_folder))
     assert_clean_failure(result, "malformed Minari dataset id", returncode=2)
 
 
 def test_import_reports_what_the_download_says(minari_folder, monkeypatch):
     import import_minari
-    from minari.storage import hosting
-
     from dataset_io import DatasetError
+    from minari.storage import hosting
 
     def unknown(dataset_id, force_download=False):
         raise ValueError(f"Couldn't find any version for dataset {dataset_id} in the remote Farama server.")
@@ -228,34 +256,47 @@ def test_import_refuses_a_dict_observation_space(minari_folder):
     box = gym.spaces.Box(-1, 1, (2,))
     observation_space = gym.spaces.Dict({"observation": box, "goal": box})
     observations = {"observation": np.zeros((4, 2), np.float32), "goal": np.ones((4, 2), np.float32)}
-    buffer = EpisodeBuffer(observations=observations, actions=np.zeros(3, np.int64), rewards=np.zeros(3),
-                           terminations=np.array([False, False, True]), truncations=np.zeros(3, bool))
+    buffer = EpisodeBuffer(
+        observations=observations,
+        actions=np.zeros(3, np.int64),
+        rewards=np.zeros(3),
+        terminations=np.array([False, False, True]),
+        truncations=np.zeros(3, bool),
+    )
     with pytest.warns(UserWarning):
-        minari.create_dataset_from_buffers("tests/maze/goals-v0", [buffer], observation_space=observation_space,
-                                           action_space=gym.spaces.Discrete(4))
+        minari.create_dataset_from_buffers(
+            "tests/maze/goals-v0", [buffer], observation_space=observation_space, action_space=gym.spaces.Discrete(4)
+        )
     result = run_script(IMPORTER, ["tests/maze/goals-v0"], environment(minari_folder))
     assert_clean_failure(result, "tests/maze/goals-v0 has observations Dict(", "flat vectors", returncode=2)
 
 
 def test_import_refuses_an_old_env_id_whose_spaces_changed(minari_folder):
     # Collected on "Hopper-v3" with 12 observations: today's Hopper-v5 has 11, so the id cannot just be replaced.
-    old = EnvSpec(id="Hopper-v3", entry_point="gymnasium.envs.mujoco.hopper_v5:HopperEnv", max_episode_steps=1000,
-                  kwargs={"exclude_current_positions_from_observation": False})
+    old = EnvSpec(
+        id="Hopper-v3",
+        entry_point="gymnasium.envs.mujoco.hopper_v5:HopperEnv",
+        max_episode_steps=1000,
+        kwargs={"exclude_current_positions_from_observation": False},
+    )
     make_minari_dataset("tests/hopper/old-v0", old, [rollout(gym.make(old), 0, cut_after=3)])
     result = run_script(IMPORTER, ["tests/hopper/old-v0"], environment(minari_folder))
     assert_clean_failure(result, "do not fit Hopper-v5 (today's id for Hopper-v3)", "(12,)", "(11,)", returncode=2)
 
 
 def test_export_splits_episodes_at_flags_and_needs_them_contiguous():
-    from export_minari import split_episodes
-
     from dataset_io import DatasetError
+    from export_minari import split_episodes
 
     observations = np.arange(12, dtype=np.float32).reshape(6, 2)
     next_observations = np.concatenate([observations[1:], [[-1.0, -1.0]]])
     next_observations[2] = [9.0, 9.0]  # the end of the first episode: its final observation, not the next reset
-    arrays = {"observations": observations, "next_observations": next_observations,
-              "terminations": np.array([0, 0, 1, 0, 0, 0], bool), "truncations": np.zeros(6, bool)}
+    arrays = {
+        "observations": observations,
+        "next_observations": next_observations,
+        "terminations": np.array([0, 0, 1, 0, 0, 0], bool),
+        "truncations": np.zeros(6, bool),
+    }
     starts, ends, cut = split_episodes(arrays, "file")
     assert starts.tolist() == [0, 3] and ends.tolist() == [2, 5] and cut  # the last episode ends without a flag
     arrays["next_observations"][3] = [7.0, 7.0]

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from conftest import COLLECTOR, DESCRIBER, MIXER, load_npz, offline_env, run_script
-
 from dataset_io import ARRAY_KEYS
 
 
@@ -20,14 +19,18 @@ def datasets(hub_cache, tmp_path_factory):
         "pendulum": ["--env-id", "Pendulum-v1", "--policy", "random", "--num-transitions", 100],
     }
     for name, args in runs.items():
-        result = run_script(COLLECTOR, [*args, "--reference-episodes", 2, "--output", folder / f"{name}.npz"], offline_env(hub_cache))
+        result = run_script(
+            COLLECTOR, [*args, "--reference-episodes", 2, "--output", folder / f"{name}.npz"], offline_env(hub_cache)
+        )
         assert result.returncode == 0, result.stderr
     return folder
 
 
 def test_mix_concatenates_and_merges_metadata(hub_cache, datasets, tmp_path):
     output = tmp_path / "expert-noisy.npz"
-    result = run_script(MIXER, [datasets / "expert.npz", datasets / "noisy.npz", "--output", output], offline_env(hub_cache))
+    result = run_script(
+        MIXER, [datasets / "expert.npz", datasets / "noisy.npz", "--output", output], offline_env(hub_cache)
+    )
     assert result.returncode == 0, result.stderr
     mixed, metadata = load_npz(output)
     expert, expert_metadata = load_npz(datasets / "expert.npz")
@@ -41,8 +44,11 @@ def test_mix_concatenates_and_merges_metadata(hub_cache, datasets, tmp_path):
 
 
 def test_mix_refuses_other_env_with_both_shapes(hub_cache, datasets, tmp_path):
-    result = run_script(MIXER, [datasets / "expert.npz", datasets / "pendulum.npz", "--output", tmp_path / "x.npz"],
-                        offline_env(hub_cache))
+    result = run_script(
+        MIXER,
+        [datasets / "expert.npz", datasets / "pendulum.npz", "--output", tmp_path / "x.npz"],
+        offline_env(hub_cache),
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "CartPole-v1" in result.stderr and "Pendulum-v1" in result.stderr
 
@@ -52,15 +58,20 @@ def test_mix_refuses_mismatched_spaces_with_both_shapes(hub_cache, datasets, tmp
     arrays, metadata = load_npz(datasets / "pendulum.npz")
     metadata["env_id"] = "CartPole-v1"
     np.savez_compressed(tmp_path / "relabelled.npz", **arrays, metadata=np.array(json.dumps(metadata)))
-    result = run_script(MIXER, [datasets / "expert.npz", tmp_path / "relabelled.npz", "--output", tmp_path / "x.npz"],
-                        offline_env(hub_cache))
+    result = run_script(
+        MIXER,
+        [datasets / "expert.npz", tmp_path / "relabelled.npz", "--output", tmp_path / "x.npz"],
+        offline_env(hub_cache),
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "spaces differ" in result.stderr
     assert "'observation_shape': [4]" in result.stderr and "'observation_shape': [3]" in result.stderr
 
 
 def test_mix_refuses_a_missing_file(hub_cache, datasets, tmp_path):
-    result = run_script(MIXER, [datasets / "expert.npz", tmp_path / "nope.npz", "--output", tmp_path / "x.npz"], offline_env(hub_cache))
+    result = run_script(
+        MIXER, [datasets / "expert.npz", tmp_path / "nope.npz", "--output", tmp_path / "x.npz"], offline_env(hub_cache)
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr and "collect_dataset.py" in result.stderr
 

@@ -8,7 +8,6 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
-
 from conftest import ROOT, assert_clean_failure, run_algorithm
 
 PLOT_RUNS = ROOT / "results" / "plot_runs.py"
@@ -16,22 +15,43 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def plot_runs(args: list, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, PLOT_RUNS, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, PLOT_RUNS, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def write_run(runs, env_id, exp_name, seed, returns: dict[int, float], normalized=True, status="finished"):
     """A run folder as an algorithm script leaves it: summary.json with one evaluation per step."""
     folder = runs / f"{env_id}__{exp_name}__scripted__{seed}__1700000000"
     folder.mkdir(parents=True)
-    evaluations = [{"step": step, "mean_return": value, "std_return": 1.0, "returns": [value - 1, value + 1],
-                    "normalized_score": value / 10 if normalized else None, "discounted_return_initial": 5.0}
-                   for step, value in returns.items()]
-    summary = {"args": {"exp_name": exp_name, "seed": seed, "dataset": f"datasets/{env_id}/scripted.npz",
-                        "learning_rate": 3e-4}, "env_id": env_id, "dataset": f"datasets/{env_id}/scripted.npz",
-               "status": status, "steps_done": max(returns), "evaluations": evaluations,
-               "final_mean_return": evaluations[-1]["mean_return"],
-               "final_normalized_score": evaluations[-1]["normalized_score"], "wall_time_s": 10.0, "eval_time_s": 1.0}
+    evaluations = [
+        {
+            "step": step,
+            "mean_return": value,
+            "std_return": 1.0,
+            "returns": [value - 1, value + 1],
+            "normalized_score": value / 10 if normalized else None,
+            "discounted_return_initial": 5.0,
+        }
+        for step, value in returns.items()
+    ]
+    summary = {
+        "args": {
+            "exp_name": exp_name,
+            "seed": seed,
+            "dataset": f"datasets/{env_id}/scripted.npz",
+            "learning_rate": 3e-4,
+        },
+        "env_id": env_id,
+        "dataset": f"datasets/{env_id}/scripted.npz",
+        "status": status,
+        "steps_done": max(returns),
+        "evaluations": evaluations,
+        "final_mean_return": evaluations[-1]["mean_return"],
+        "final_normalized_score": evaluations[-1]["normalized_score"],
+        "wall_time_s": 10.0,
+        "eval_time_s": 1.0,
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
 
@@ -92,8 +112,19 @@ def test_each_step_averages_the_seeds_that_have_it(runs):
 
 def test_normalized_metric_group_by_and_a_run_folder_given_itself(runs, tmp_path):
     output = tmp_path / "new" / "figure.png"
-    result = plot_runs([runs, runs / "CartPole-v1__bc__scripted__1__1700000000", "--metric", "normalized",
-                        "--output", output, "--group-by", "exp_name", "seed"])
+    result = plot_runs(
+        [
+            runs,
+            runs / "CartPole-v1__bc__scripted__1__1700000000",
+            "--metric",
+            "normalized",
+            "--output",
+            output,
+            "--group-by",
+            "exp_name",
+            "seed",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert "| exp_name / seed |" in result.stdout and "(5 runs, 5 lines)" in result.stdout  # runs/x not twice
     assert "| CartPole-v1 | scripted | exp_name=bc, seed=2 | 1 | 300 | 300.0 | 30.0 |" in result.stdout
@@ -121,14 +152,19 @@ def test_bad_input_is_one_error_line(case, runs, tmp_path):
 
 
 def test_plots_a_real_bc_run(cartpole_dataset, tmp_path):
-    trained = run_algorithm("bc", ["--dataset", cartpole_dataset, "--total-steps", 40, "--eval-freq", 20,
-                                   "--eval-episodes", 2, "--seed", 1], cwd=tmp_path)
+    trained = run_algorithm(
+        "bc",
+        ["--dataset", cartpole_dataset, "--total-steps", 40, "--eval-freq", 20, "--eval-episodes", 2, "--seed", 1],
+        cwd=tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr
     (folder,) = (tmp_path / "runs").iterdir()
     summary = json.loads((folder / "summary.json").read_text())
     result = plot_runs([], cwd=tmp_path)  # the default: runs/ -> runs/curves.png
     assert result.returncode == 0, result.stderr
-    assert (f"| CartPole-v1 | scripted | bc | 1 | 40 | {summary['final_mean_return']:.1f} | "
-            f"{summary['final_normalized_score']:.1f} |") in result.stdout
+    assert (
+        f"| CartPole-v1 | scripted | bc | 1 | 40 | {summary['final_mean_return']:.1f} | "
+        f"{summary['final_normalized_score']:.1f} |"
+    ) in result.stdout
     assert "wrote runs/curves.png (1 run, 1 line)" in result.stdout
     assert_png(tmp_path / "runs" / "curves.png")

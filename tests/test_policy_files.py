@@ -33,8 +33,9 @@ CASES = [
 
 def evaluate_policy(*args, env=None) -> subprocess.CompletedProcess:
     env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(EVALUATE_POLICY), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, str(EVALUATE_POLICY), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 @pytest.mark.parametrize("script, dataset, flags", CASES, ids=[f"{case[0]}-{case[1]}" for case in CASES])
@@ -45,8 +46,10 @@ def test_policy_file_plays_to_the_scripts_final_return(script, dataset, flags, r
 
     result = evaluate_policy(policy_path)
     assert result.returncode == 0, result.stderr
-    assert f"return {summary['final_mean_return']:.1f} ± {summary['final_std_return']:.1f} over 3 episodes" \
-        in result.stdout, (result.stdout, summary["final_returns"])
+    assert (
+        f"return {summary['final_mean_return']:.1f} ± {summary['final_std_return']:.1f} over 3 episodes"
+        in result.stdout
+    ), (result.stdout, summary["final_returns"])
 
     # Your own code: no algorithm file, no pickle, any batch size, actions inside the env's space.
     extra_files = {"policy.json": ""}
@@ -95,10 +98,27 @@ def headless_env(**extra) -> dict:
 
 def test_mujoco_video_without_a_screen(hopper_dataset, tmp_path):
     env = headless_env(OMP_NUM_THREADS="1")
-    flags = ["--dataset", hopper_dataset, "--total-steps", 10, "--eval-freq", 10, "--eval-episodes", 1,
-             "--capture-video", "--hidden-dim", 16]
-    result = subprocess.run([sys.executable, str(EVALUATE_POLICY.parents[1] / "algorithms" / "bc.py"),
-                             *map(str, flags)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    flags = [
+        "--dataset",
+        hopper_dataset,
+        "--total-steps",
+        10,
+        "--eval-freq",
+        10,
+        "--eval-episodes",
+        1,
+        "--capture-video",
+        "--hidden-dim",
+        16,
+    ]
+    result = subprocess.run(
+        [sys.executable, str(EVALUATE_POLICY.parents[1] / "algorithms" / "bc.py"), *map(str, flags)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if result.returncode == 0:
         assert list((run_folder(tmp_path) / "videos").glob("*.mp4"))
         played = evaluate_policy(run_folder(tmp_path) / "policy.pt2", "--capture-video", env=env)
@@ -111,17 +131,46 @@ def test_mujoco_video_without_a_screen(hopper_dataset, tmp_path):
 
 def test_a_renderer_that_cannot_work_is_refused_before_the_run(hopper_dataset, tmp_path):
     env = headless_env(MUJOCO_GL="glfw")  # needs a screen, and there is none
-    result = subprocess.run([sys.executable, str(EVALUATE_POLICY.parents[1] / "algorithms" / "bc.py"), "--dataset",
-                             str(hopper_dataset), "--total-steps", "10", "--capture-video"], cwd=tmp_path,
-                            env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EVALUATE_POLICY.parents[1] / "algorithms" / "bc.py"),
+            "--dataset",
+            str(hopper_dataset),
+            "--total-steps",
+            "10",
+            "--capture-video",
+        ],
+        cwd=tmp_path,
+        env=dict(env, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert_clean_failure(result, "cannot render Hopper-v5", "MUJOCO_GL=glfw", returncode=2)
     assert not (tmp_path / "runs").exists()
 
 
 def test_classic_control_video_without_a_screen(cartpole_dataset, tmp_path):
-    result = subprocess.run([sys.executable, str(EVALUATE_POLICY.parents[1] / "algorithms" / "bc.py"), "--dataset",
-                             str(cartpole_dataset), "--total-steps", "10", "--eval-freq", "10", "--eval-episodes", "1",
-                             "--capture-video"], cwd=tmp_path, env=headless_env(OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EVALUATE_POLICY.parents[1] / "algorithms" / "bc.py"),
+            "--dataset",
+            str(cartpole_dataset),
+            "--total-steps",
+            "10",
+            "--eval-freq",
+            "10",
+            "--eval-episodes",
+            "1",
+            "--capture-video",
+        ],
+        cwd=tmp_path,
+        env=headless_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert list((run_folder(tmp_path) / "videos").glob("*.mp4"))

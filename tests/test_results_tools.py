@@ -35,14 +35,33 @@ def load_run_matrix():
 def write_run(matrix, algorithm, seed, final_return, q_initial, wall_time_s):
     folder = matrix / f"LunarLander-v3__expert__{algorithm}__{seed}"
     folder.mkdir(parents=True)
-    evaluations = [{"step": step, "mean_return": final_return, "normalized_score": final_return / 2,
-                    "q_initial": q_initial, "discounted_return_initial": 40.0} for step in (5000, 10000)]
-    summary = {"final_mean_return": final_return, "final_normalized_score": final_return / 2, "total_steps": 10000,
-               "updates_per_second": 100.0, "evaluations": evaluations}
-    record = {"env_id": "LunarLander-v3", "dataset": "expert", "algorithm": algorithm, "seed": seed,
-              "command": f"python algorithms/x.py --dataset datasets/LunarLander-v3/expert.npz --seed {seed} "
-                         "--threads 1",
-              "commit": "0123456789abcdef", "wall_time_s": wall_time_s, "machine": {"cpu": "Test CPU", "cores": 2}}
+    evaluations = [
+        {
+            "step": step,
+            "mean_return": final_return,
+            "normalized_score": final_return / 2,
+            "q_initial": q_initial,
+            "discounted_return_initial": 40.0,
+        }
+        for step in (5000, 10000)
+    ]
+    summary = {
+        "final_mean_return": final_return,
+        "final_normalized_score": final_return / 2,
+        "total_steps": 10000,
+        "updates_per_second": 100.0,
+        "evaluations": evaluations,
+    }
+    record = {
+        "env_id": "LunarLander-v3",
+        "dataset": "expert",
+        "algorithm": algorithm,
+        "seed": seed,
+        "command": f"python algorithms/x.py --dataset datasets/LunarLander-v3/expert.npz --seed {seed} --threads 1",
+        "commit": "0123456789abcdef",
+        "wall_time_s": wall_time_s,
+        "machine": {"cpu": "Test CPU", "cores": 2},
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "run.json").write_text(json.dumps(record))
 
@@ -53,10 +72,15 @@ def test_report_tables_and_plots(tmp_path):
     write_run(matrix, "CQL", 2, 200.0, 35.0, 180)
     write_run(matrix, "DQN", 1, -50.0, 90.0, 120)
     (matrix / "datasets.md").write_text(DATASETS_MD)
-    readme.write_text("# Mine\n\nhand-written intro\n<!-- report:begin (made by results/make_report.py) -->\nold\n"
-                      "<!-- report:end -->\nhand-written reading\n")
-    result = subprocess.run([sys.executable, REPORT, "--matrix", matrix, "--readme", readme,
-                             "--figures", tmp_path / "figs"], capture_output=True, text=True)
+    readme.write_text(
+        "# Mine\n\nhand-written intro\n<!-- report:begin (made by results/make_report.py) -->\nold\n"
+        "<!-- report:end -->\nhand-written reading\n"
+    )
+    result = subprocess.run(
+        [sys.executable, REPORT, "--matrix", matrix, "--readme", readme, "--figures", tmp_path / "figs"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     text = readme.read_text()
     assert text.startswith("# Mine\n\nhand-written intro\n")
@@ -67,9 +91,11 @@ def test_report_tables_and_plots(tmp_path):
     assert "| expert | **150.0 ± 50.0 (2 of 3 seeds)** | – | – | -50.0 (1 of 3 seeds) | – |" in text
     assert "| expert | **75.0 ± 25.0 (2 of 3 seeds)** | – | – | -25.0 (1 of 3 seeds) | – |" in text
     # median wall time 2.0 min from 1.0 to 3.0; the command with the dataset and seed as placeholders
-    assert "| CQL | `python algorithms/x.py --dataset datasets/LunarLander-v3/<dataset>.npz --seed <seed> " \
-           "--threads 1` " \
-           "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text
+    assert (
+        "| CQL | `python algorithms/x.py --dataset datasets/LunarLander-v3/<dataset>.npz --seed <seed> "
+        "--threads 1` "
+        "| 10,000 | 2.0 (from 1.0 to 3.0) | 100 |" in text
+    )
     assert "| 10,000 | 2.0 (1 run) | 100 |" in text  # DQN's single run has no range
     # CQL's flat curves do not climb; one seed of DQN is no check
     assert "| expert | +0.0 | – | – | – | – |" in text
@@ -83,8 +109,11 @@ def test_report_tables_and_plots(tmp_path):
 def test_report_refuses_a_readme_without_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Results by hand\n")
-    result = subprocess.run([sys.executable, REPORT, "--matrix", tmp_path / "none", "--readme", readme,
-                             "--figures", tmp_path / "figs"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, REPORT, "--matrix", tmp_path / "none", "--readme", readme, "--figures", tmp_path / "figs"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr and "report markers" in result.stderr
     assert readme.read_text() == "# Results by hand\n"
 
@@ -131,7 +160,8 @@ def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkey
     rows = [line for line in table.read_text().splitlines() if line.startswith("| `")]
     assert len(rows) == 1 and "`a.npz` | CartPole-v1 | scripted" in rows[0] and "| 300 |" in rows[0]
     assert table.read_text().startswith(
-        "<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py datasets/a.npz -->")
+        "<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py datasets/a.npz -->"
+    )
 
 
 def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_path, monkeypatch):
@@ -141,8 +171,13 @@ def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_pat
     monkeypatch.setattr(run_matrix, "ROOT", tmp_path)
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     git("init", "-q")
     (tmp_path / "algorithms").mkdir()
@@ -153,8 +188,9 @@ def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_pat
     first = git("rev-parse", "HEAD")
     run = SimpleNamespace(command=["python", "algorithms/x.py", "--seed", "1"])
     log = tmp_path / "x.log"
-    log.write_text(f"# commit {first}\n$ python algorithms/x.py --seed 1\n"
-                   "x: 9 transitions, run folder runs/r1 (resumed)\n")
+    log.write_text(
+        f"# commit {first}\n$ python algorithms/x.py --seed 1\nx: 9 transitions, run folder runs/r1 (resumed)\n"
+    )
     assert run_matrix.resumable_folder(run, log, first) is None  # no checkpoint: it starts again
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     (tmp_path / "runs" / "r1" / "checkpoint.pt").write_bytes(b"")
@@ -184,10 +220,17 @@ def test_benchmark_and_matrix_refuse_bad_input_with_exit_2(tmp_path):
 def test_benchmark_takes_the_hub_cache_from_the_hugging_face_variables(tmp_path):
     code = "import benchmark_speed; print(benchmark_speed.hub_cache(None))"
     clean = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_CACHE", "HF_HOME")}
-    for variables, expected in (({"HF_HUB_CACHE": str(tmp_path / "cache")}, tmp_path / "cache"),
-                                ({"HF_HOME": str(tmp_path / "home")}, tmp_path / "home" / "hub")):
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "results", env={**clean, **variables},
-                                capture_output=True, text=True)
+    for variables, expected in (
+        ({"HF_HUB_CACHE": str(tmp_path / "cache")}, tmp_path / "cache"),
+        ({"HF_HOME": str(tmp_path / "home")}, tmp_path / "home" / "hub"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT / "results",
+            env={**clean, **variables},
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr
         assert Path(result.stdout.strip()) == expected
 
@@ -202,8 +245,9 @@ def tiny_matrix(run_matrix, root: Path, dataset: Path, monkeypatch) -> None:
     shutil.copy(dataset, root / "datasets" / "CartPole-v1" / "scripted.npz")
     for command in (["init", "-q"], ["add", "algorithms"], ["commit", "-qm", "bc"]):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *command], cwd=root, check=True)
-    tiny = run_matrix.Algorithm("BC", "algorithms/bc.py", ("--total-steps", "200", "--eval-freq", "100",
-                                                           "--eval-episodes", "2"), minutes=1)
+    tiny = run_matrix.Algorithm(
+        "BC", "algorithms/bc.py", ("--total-steps", "200", "--eval-freq", "100", "--eval-episodes", "2"), minutes=1
+    )
     monkeypatch.setattr(run_matrix, "ROOT", root)
     monkeypatch.setattr(run_matrix, "MATRIX_DIR", root / "results" / "matrix")
     monkeypatch.setattr(run_matrix, "MATRIX", (run_matrix.EnvRows("CartPole-v1", ("scripted",), (tiny,)),))
@@ -237,12 +281,10 @@ def test_matrix_runs_as_ray_tasks_and_writes_the_same_records(cartpole_dataset, 
     assert "0 to run" in capsys.readouterr().out
 
 
-def test_matrix_refuses_a_dataset_other_than_its_finished_runs_used(cartpole_dataset, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_matrix_refuses_a_dataset_other_than_its_finished_runs_used(cartpole_dataset, tmp_path, monkeypatch, capsys):
     """A dataset built again into other data (another machine, another version) would mix two datasets in one
     cell: the runner refuses it with one line and exit 2; the metadata's collection time is no change."""
     import pytest
-
     from conftest import cartpole_controller, write_scripted_dataset
     from dataset_io import load_dataset, save_dataset
 
@@ -277,19 +319,37 @@ def write_hopper_runs(matrix: Path) -> None:
             for seed in (1, 2, 3):
                 final = score + dataset_index + seed
                 curve = {10000: 40.0, 20000: final} if label == "SAC" else {10000: final / 2, 20000: final}
-                evaluations = [{"step": step, "mean_return": 30 * final, "normalized_score": curve[step],
-                                "q_initial": {"CQL": 50.0, "SAC": 5000.0}.get(label, 0.0),
-                                "discounted_return_initial": 100.0, "wall_time_s": 60.0 * step / 1000}
-                               for step in (10000, 20000)]
+                evaluations = [
+                    {
+                        "step": step,
+                        "mean_return": 30 * final,
+                        "normalized_score": curve[step],
+                        "q_initial": {"CQL": 50.0, "SAC": 5000.0}.get(label, 0.0),
+                        "discounted_return_initial": 100.0,
+                        "wall_time_s": 60.0 * step / 1000,
+                    }
+                    for step in (10000, 20000)
+                ]
                 folder = matrix / f"Hopper-v5__{dataset}__{label}__{seed}"
                 folder.mkdir(parents=True)
-                summary = {"final_mean_return": 30 * final, "final_normalized_score": final, "total_steps": 20000,
-                           "updates_per_second": 100.0, "evaluations": evaluations}
-                record = {"env_id": "Hopper-v5", "dataset": dataset, "algorithm": label, "seed": seed,
-                          "command": f"python algorithms/x.py --dataset datasets/Hopper-v5/{dataset}.npz "
-                                     f"--seed {seed} --threads 1",
-                          "commit": "0123456789abcdef", "wall_time_s": 1200.0,
-                          "machine": {"cpu": "Test CPU", "cores": 2}}
+                summary = {
+                    "final_mean_return": 30 * final,
+                    "final_normalized_score": final,
+                    "total_steps": 20000,
+                    "updates_per_second": 100.0,
+                    "evaluations": evaluations,
+                }
+                record = {
+                    "env_id": "Hopper-v5",
+                    "dataset": dataset,
+                    "algorithm": label,
+                    "seed": seed,
+                    "command": f"python algorithms/x.py --dataset datasets/Hopper-v5/{dataset}.npz "
+                    f"--seed {seed} --threads 1",
+                    "commit": "0123456789abcdef",
+                    "wall_time_s": 1200.0,
+                    "machine": {"cpu": "Test CPU", "cores": 2},
+                }
                 (folder / "summary.json").write_text(json.dumps(summary))
                 (folder / "run.json").write_text(json.dumps(record))
 
@@ -298,30 +358,39 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
     matrix, readme = tmp_path / "matrix", tmp_path / "README.md"
     write_hopper_runs(matrix)
     readme.write_text("<!-- report:begin (made by results/make_report.py) -->\n<!-- report:end -->\n")
-    result = subprocess.run([sys.executable, REPORT, "--matrix", matrix, "--readme", readme,
-                             "--figures", tmp_path / "figs"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, REPORT, "--matrix", matrix, "--readme", readme, "--figures", tmp_path / "figs"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     text = readme.read_text()
     # TD3+BC's 12 scores are 81..86 (seed + dataset), so its IQM is the mean of the middle six (83, 83, 83, 84, 84,
     # 84); every one of its runs beats every run of BC (51..56), so P(TD3+BC > BC) is 1 with an interval of [1, 1].
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| Hopper-v5 | ")}
     assert rows["TD3+BC"].startswith("| Hopper-v5 | TD3+BC | 83.5 [") and rows["TD3+BC"].endswith(
-        "| 1.00 [1.00, 1.00] |")
+        "| 1.00 [1.00, 1.00] |"
+    )
     assert rows["BC"].endswith("| – |") and rows["SAC"].endswith("| 0.00 [0.00, 0.00] |")
     assert "| CQL stays below its real return on Hopper-v5 medium-expert | Q(s0) 50 vs real 100.0" in text
-    assert ("| SAC over-estimates and ends below BC and the data on Hopper-v5 medium | Q(s0) 5000 vs real 100.0; "
-            "ends at 8.0, BC at 53.0 (mean of 3 seeds' last evaluation) | holds |" in text)
+    assert (
+        "| SAC over-estimates and ends below BC and the data on Hopper-v5 medium | Q(s0) 5000 vs real 100.0; "
+        "ends at 8.0, BC at 53.0 (mean of 3 seeds' last evaluation) | holds |" in text
+    )
     # SAC (5 + 0 + seed) does not beat BC (50 + 0 + seed) on random: the one claim here that fails.
-    assert ("| SAC beats BC on Hopper-v5 random, where the data holds every action | ends at 7.0, BC at 52.0 (mean of "
-            "3 seeds' last evaluation) | **fails** |" in text)
+    assert (
+        "| SAC beats BC on Hopper-v5 random, where the data holds every action | ends at 7.0, BC at 52.0 (mean of "
+        "3 seeds' last evaluation) | **fails** |" in text
+    )
     assert text.count("**fails**") == 1
     # each run climbs from half its final score to its final score (base + dataset index + seed), so on random the
     # three seeds gain half of base + 1, + 2, + 3: far above twice their standard error. SAC falls from 40 to
     # 5 + seed. (Columns: CQL, BCQ, TD3+BC, IQL, SAC, BC.)
-    assert ("| random | **+31.0 climbing** | – | **+41.0 climbing** | – | -33.0 | **+26.0 climbing** |"
-            in text)
-    assert ("| the best offline method beats BC outside the 95% intervals on Hopper-v5 medium-expert | TD3+BC 85.0 ["
-            in text)
+    assert "| random | **+31.0 climbing** | – | **+41.0 climbing** | – | -33.0 | **+26.0 climbing** |" in text
+    assert (
+        "| the best offline method beats BC outside the 95% intervals on Hopper-v5 medium-expert | TD3+BC 85.0 ["
+        in text
+    )
     assert "| the best offline method beats BC on BipedalWalker-v3 noisy | not every seed has run | – |" in text
     assert "population std" in text
     assert "evaluation), on Test CPU (a faster CPU moves a line to the left)" in text
@@ -342,8 +411,10 @@ def test_reuse_check_compares_the_numbers_an_earlier_version_logged():
     same = load_check_reuse().same_evaluations
     before = [{"step": 150, "mean_return": -490.3, "q_initial": 1.5, "wall_time_s": 4.0}]
     # Fields added since (the per-episode returns) and another machine's wall time are not changed numbers.
-    assert same(before, [{"step": 150, "mean_return": -490.3, "q_initial": 1.5, "returns": [-400.1, -580.5],
-                          "wall_time_s": 9.0}])
+    assert same(
+        before,
+        [{"step": 150, "mean_return": -490.3, "q_initial": 1.5, "returns": [-400.1, -580.5], "wall_time_s": 9.0}],
+    )
     assert not same(before, [{"step": 150, "mean_return": -490.2, "q_initial": 1.5}])  # a changed number
     assert not same(before, [{"step": 150, "mean_return": -490.3}])  # a field no longer logged
     assert not same(before, before * 2)  # another number of evaluations
@@ -364,23 +435,29 @@ def test_matrix_builds_the_missing_datasets_with_their_commands(cartpole_dataset
     import shutil
 
     import pytest
-
     from dataset_io import load_dataset
 
     run_matrix = load_run_matrix()
     root = tmp_path / "repo"
     tiny_matrix(run_matrix, root, cartpole_dataset, monkeypatch)
     shutil.copytree(ROOT / "data_collection", root / "data_collection", ignore=shutil.ignore_patterns("__pycache__"))
-    collect = "python data_collection/collect_dataset.py --env-id CartPole-v1 --policy random --num-transitions 600 " \
-              "--reference-episodes 2"
-    monkeypatch.setattr(run_matrix, "DATASET_COMMANDS", {
-        ("CartPole-v1", "random"): collect,
-        ("CartPole-v1", "random1"): f"{collect} --seed 1 --output datasets/CartPole-v1/random1.npz",
-        ("CartPole-v1", "mix"): "python data_collection/mix_datasets.py datasets/CartPole-v1/random.npz "
-                                "datasets/CartPole-v1/random1.npz --output datasets/CartPole-v1/mix.npz",
-    })
-    monkeypatch.setattr(run_matrix, "DATASET_INPUTS", {
-        ("CartPole-v1", "mix"): (("CartPole-v1", "random"), ("CartPole-v1", "random1"))})
+    collect = (
+        "python data_collection/collect_dataset.py --env-id CartPole-v1 --policy random --num-transitions 600 "
+        "--reference-episodes 2"
+    )
+    monkeypatch.setattr(
+        run_matrix,
+        "DATASET_COMMANDS",
+        {
+            ("CartPole-v1", "random"): collect,
+            ("CartPole-v1", "random1"): f"{collect} --seed 1 --output datasets/CartPole-v1/random1.npz",
+            ("CartPole-v1", "mix"): "python data_collection/mix_datasets.py datasets/CartPole-v1/random.npz "
+            "datasets/CartPole-v1/random1.npz --output datasets/CartPole-v1/mix.npz",
+        },
+    )
+    monkeypatch.setattr(
+        run_matrix, "DATASET_INPUTS", {("CartPole-v1", "mix"): (("CartPole-v1", "random"), ("CartPole-v1", "random1"))}
+    )
     tiny = run_matrix.MATRIX[0].algorithms
     monkeypatch.setattr(run_matrix, "MATRIX", (run_matrix.EnvRows("CartPole-v1", ("mix",), tiny),))
     monkeypatch.setattr(run_matrix, "SEEDS", (1,))
@@ -389,8 +466,11 @@ def test_matrix_builds_the_missing_datasets_with_their_commands(cartpole_dataset
     assert exit_info.value.code == 2 and "--build-datasets" in capsys.readouterr().err
     run_matrix.main(run_matrix.Args(jobs=1, build_datasets=True))
     out = capsys.readouterr().out
-    assert out.index("build CartPole-v1/random:") < out.index("build CartPole-v1/random1:") \
+    assert (
+        out.index("build CartPole-v1/random:")
+        < out.index("build CartPole-v1/random1:")
         < out.index("build CartPole-v1/mix:")
+    )
     arrays, _ = load_dataset(root / "datasets" / "CartPole-v1" / "mix.npz")
     assert len(arrays["rewards"]) == 1200
     assert (root / "results" / "matrix" / "CartPole-v1__mix__BC__1" / "run.json").exists()

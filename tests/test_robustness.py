@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import ALGORITHMS, assert_clean_failure, load_algorithm, load_npz, run_algorithm
-
 from dataset_io import save_dataset
 
 # Each script with the data it takes and flags that make it small; the run is 300 steps, evaluated every 100.
@@ -38,14 +37,27 @@ def dataset_of(script: str, request) -> "os.PathLike":
 
 
 def command(script: str, dataset, *extra, flags=SHORT) -> list[str]:
-    return [sys.executable, str(ALGORITHMS / f"{script}.py"), "--dataset", str(dataset), *map(str, flags),
-            *map(str, SCRIPTS[script][1]), *map(str, extra)]
+    return [
+        sys.executable,
+        str(ALGORITHMS / f"{script}.py"),
+        "--dataset",
+        str(dataset),
+        *map(str, flags),
+        *map(str, SCRIPTS[script][1]),
+        *map(str, extra),
+    ]
 
 
 def start(script: str, dataset, cwd, *extra, flags=SHORT) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(command(script, dataset, *extra, flags=flags), cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        command(script, dataset, *extra, flags=flags),
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -102,9 +114,15 @@ def write_damaged(kind: str, source, path) -> None:
 
 
 DAMAGES = {
-    "truncated": "cannot read", "random-bytes": "it is not a .npz file", "empty": "cannot read",
-    "bad-crc": "cannot read", "object-array": "holds Python objects", "metadata-not-json": "cannot read",
-    "metadata-a-list": "not a JSON object", "no-metadata": "no metadata", "observations-as-text": "not numbers",
+    "truncated": "cannot read",
+    "random-bytes": "it is not a .npz file",
+    "empty": "cannot read",
+    "bad-crc": "cannot read",
+    "object-array": "holds Python objects",
+    "metadata-not-json": "cannot read",
+    "metadata-a-list": "not a JSON object",
+    "no-metadata": "no metadata",
+    "observations-as-text": "not numbers",
 }
 
 
@@ -134,8 +152,9 @@ def test_damaged_dataset_is_one_line(script, kind, modules, request, tmp_path, c
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize(("key", "value"), [("rewards", np.nan), ("observations", np.inf),
-                                            ("next_observations", -np.inf)])
+@pytest.mark.parametrize(
+    ("key", "value"), [("rewards", np.nan), ("observations", np.inf), ("next_observations", -np.inf)]
+)
 def test_non_finite_values_are_refused_at_load(script, key, value, modules, request, tmp_path, capsys):
     arrays, metadata = load_npz(dataset_of(script, request))
     key = "observations" if script == "bc" else key  # behaviour cloning reads observations and actions only
@@ -164,14 +183,25 @@ def test_actions_outside_the_bounds_are_refused_unless_clipped(script, request, 
     result = run_algorithm(script, ["--dataset", tmp_path / "wide.npz"], cwd=tmp_path)
     assert_clean_failure(result, "outside the env's bounds", "[[-2.0], [2.0]]", "--clip-actions", returncode=2)
     assert not (tmp_path / "runs").exists()
-    clipped = run_algorithm(script, ["--dataset", tmp_path / "wide.npz", "--clip-actions", *TINY, *SCRIPTS[script][1]],
-                            cwd=tmp_path)
+    clipped = run_algorithm(
+        script, ["--dataset", tmp_path / "wide.npz", "--clip-actions", *TINY, *SCRIPTS[script][1]], cwd=tmp_path
+    )
     assert clipped.returncode == 0, clipped.stderr
 
 
 # --------------------------------------------------------------------------------------------- bad flags
-BAD_FLAGS = [{"batch_size": 0}, {"batch_size": -1}, {"log_freq": 0}, {"total_steps": 0}, {"eval_freq": -5},
-             {"eval_episodes": 0}, {"gamma": 1.5}, {"gamma": float("nan")}, {"seed": -1}, {"hidden_dim": 0}]
+BAD_FLAGS = [
+    {"batch_size": 0},
+    {"batch_size": -1},
+    {"log_freq": 0},
+    {"total_steps": 0},
+    {"eval_freq": -5},
+    {"eval_episodes": 0},
+    {"gamma": 1.5},
+    {"gamma": float("nan")},
+    {"seed": -1},
+    {"hidden_dim": 0},
+]
 
 
 def has_field(script: str, name: str) -> bool:
@@ -182,8 +212,11 @@ def flag_id(value) -> str:
     return value if isinstance(value, str) else "-".join(f"{key}={number}" for key, number in value.items())
 
 
-@pytest.mark.parametrize(("script", "bad"), [(script, bad) for script in SCRIPTS for bad in BAD_FLAGS
-                                             if has_field(script, next(iter(bad)))], ids=flag_id)
+@pytest.mark.parametrize(
+    ("script", "bad"),
+    [(script, bad) for script in SCRIPTS for bad in BAD_FLAGS if has_field(script, next(iter(bad)))],
+    ids=flag_id,
+)
 def test_bad_numbers_in_flags_are_one_line(script, bad, modules, capsys):
     module = modules[script]
     line = one_error_line(capsys, lambda: module.validate_args(module.Args(**bad)))
@@ -193,13 +226,15 @@ def test_bad_numbers_in_flags_are_one_line(script, bad, modules, capsys):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_rates_out_of_range_are_one_line(script, modules, capsys):
     module = modules[script]
-    rates = [field for field in module.Args.__dataclass_fields__ if field.endswith("lr") or field in
-             ("learning_rate", "tau")]
+    rates = [
+        field for field in module.Args.__dataclass_fields__ if field.endswith("lr") or field in ("learning_rate", "tau")
+    ]
     assert rates
     for field in rates:
         for value in (0.0, -1e-3, float("nan")):
             assert f"--{field.replace('_', '-')}" in one_error_line(
-                capsys, lambda: module.validate_args(module.Args(**{field: value})))
+                capsys, lambda: module.validate_args(module.Args(**{field: value}))
+            )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -211,8 +246,9 @@ def test_bad_flags_stop_a_real_run_before_any_run_folder(script, request, tmp_pa
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_fewer_steps_than_log_freq_give_strict_json(script, request, tmp_path):
-    result = run_algorithm(script, ["--dataset", dataset_of(script, request), *TINY, *SCRIPTS[script][1],
-                                    "--log-freq", 100], cwd=tmp_path)
+    result = run_algorithm(
+        script, ["--dataset", dataset_of(script, request), *TINY, *SCRIPTS[script][1], "--log-freq", 100], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=lambda name: pytest.fail(name))
