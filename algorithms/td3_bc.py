@@ -320,11 +320,12 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
         fail(f"{path} is not a dataset of data_collection/collect_dataset.py: {why}")
     actions = arrays["actions"]
     kind = {(1, "i"): "discrete", (1, "u"): "discrete", (2, "f"): "box"}.get((actions.ndim, actions.dtype.kind))
+    names, shape = {"discrete": "discrete", "box": "continuous (Box)"}, actions.shape
     if kind is None:
-        fail(f"{path}: actions are {actions.dtype} {actions.shape}; expected integers [N] or floats [N, action_dim]")
+        fail(f"{path}: actions are {actions.dtype} {shape}; expected integers [N] (Discrete) or floats [N, d] (Box)")
     if ACTION_KIND not in (kind, "both"):
         what = "discrete actions" if kind == "discrete" else f"continuous (Box) actions of shape {actions.shape[1:]}"
-        fail(f"{path} has {what}; this script needs {ACTION_KIND} actions: use {OTHER_SCRIPTS[ACTION_KIND]}")
+        fail(f"{path} has {what}; this script needs {names[ACTION_KIND]} actions: use {OTHER_SCRIPTS[ACTION_KIND]}")
     n, obs_dim = arrays["observations"].shape if arrays["observations"].ndim == 2 else (0, 0)
     expected = {"observations": (n, obs_dim), "next_observations": (n, obs_dim), "actions": (n, *actions.shape[1:])}
     shapes = {key: arrays[key].shape for key in DATASET_KEYS}
