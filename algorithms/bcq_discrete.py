@@ -554,7 +554,7 @@ class Run:
         <exp_name>.pt holds; acting: what evaluation plays and policy.pt2 holds; q_initial(observations, actions):
         the critic's value of the first states and actions in reward units (None: no Q(s0) diagnostic);
         deterministic: whether acting draws no random numbers; extra: more summary.json fields."""
-        args, checkpoint = self.args, self.checkpoint
+        args, checkpoint, self.checkpoint = self.args, self.checkpoint, None  # not kept in memory once restored
         self.state, self.model, self.acting, self.q_initial = state, model, acting, q_initial
         self.deterministic, self.extra = deterministic, extra or {}
         name = f"{self.env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"

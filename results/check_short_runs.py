@@ -10,11 +10,10 @@ scripts that take both; then once more with the flags of VARIANTS, which reach w
 steps (CQL-SAC's Q-learning after its warm start, the discrete scripts' target updates, ...). The check passes when
 every evaluation holds the same numbers (returns, normalised scores, Q(s0) estimates, discounted returns; a field
 added since is not a change, the wall time is not compared) and every tensor of the saved model is equal, bit for
-bit. It prints one line per run, and exits 1 on a difference. results/check_reuse.py makes the same comparison for
-the records of the matrix.
+bit. It prints one line per run, and exits 1 on a difference. The short run and the comparison are those of
+results/check_reuse.py, which checks the records of the matrix the same way.
 """
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -28,10 +27,11 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "data_collection"))
+sys.path.insert(0, str(ROOT / "results"))
+from check_reuse import same_evaluations, short_run  # noqa: E402
 from collect_dataset import collect, run_episodes, uniform_actions  # noqa: E402
 from dataset_io import describe_space, save_dataset  # noqa: E402
 
-SHORT = ["--seed", "1", "--total-steps", "300", "--eval-freq", "150", "--eval-episodes", "2"]
 SCRIPTS = {
     "bc": ("Pendulum-v1", "CartPole-v1"),
     "bcq_continuous": ("Pendulum-v1",),
@@ -113,33 +113,11 @@ def build_dataset(folder: Path, env_id: str) -> Path:
     return path
 
 
-def short_run(source: Path, dataset: Path, flags: list[str], folder: Path) -> tuple[list, dict]:
-    """Evaluations and model tensors of a short seeded run of the script file `source`, run in `folder`."""
-    folder.mkdir(parents=True)
-    result = subprocess.run(
-        [sys.executable, str(source), "--dataset", str(dataset), *SHORT, *flags],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    if result.returncode != 0:
-        raise RuntimeError((result.stderr.strip().splitlines() or ["no output"])[-1])
-    (run_dir,) = (folder / "runs").iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    model = next(path for path in run_dir.glob("*.pt") if path.name != "checkpoint.pt")
-    return summary["evaluations"], torch.load(model, weights_only=True)
-
-
 def compare(before: tuple[list, dict], after: tuple[list, dict]) -> str:
     """'' when the two runs computed the same numbers, else what differs."""
-    (old_evaluations, old_model), (new_evaluations, new_model) = before, after
-    for old, new in zip(old_evaluations, new_evaluations, strict=False):
-        differ = [key for key, value in old.items() if key != "wall_time_s" and new.get(key, object()) != value]
-        if differ:
-            return f"evaluation at step {old['step']} differs in {', '.join(differ)}"
-    if len(old_evaluations) != len(new_evaluations):
-        return f"{len(old_evaluations)} evaluations before, {len(new_evaluations)} now"
+    if not same_evaluations(before[0], after[0]):
+        return "the evaluations differ"
+    old_model, new_model = before[1], after[1]
     if old_model.keys() != new_model.keys():
         return f"the model's tensors differ in name: {sorted(set(old_model) ^ set(new_model))}"
     unequal = [name for name in old_model if not torch.equal(old_model[name], new_model[name])]
@@ -169,9 +147,10 @@ def main(args: Args) -> None:
             old.write_text(shown.stdout)
             for case, (env_id, flags) in enumerate([(env_id, []) for env_id in SCRIPTS[name]] + VARIANTS.get(name, [])):
                 runs, what = folder / "runs" / name / str(case), " ".join([name, *flags, "on", env_id])
+                command = ["python", f"algorithms/{name}.py", "--dataset", str(datasets[env_id]), "--seed", "1", *flags]
                 try:
-                    before = short_run(old, datasets[env_id], flags, runs / "old")
-                    after = short_run(ROOT / "algorithms" / f"{name}.py", datasets[env_id], flags, runs / "new")
+                    before = short_run(old, command, runs / "old")
+                    after = short_run(ROOT / "algorithms" / f"{name}.py", command, runs / "new")
                 except RuntimeError as error:
                     print(f"{what}: a run failed: {error}", flush=True)
                     failures += 1

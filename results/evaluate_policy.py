@@ -82,7 +82,7 @@ def prepare_rendering(env_id: str) -> None:
     )
 
 
-def play(policy, env_id: str, episodes: int, seed: int, gamma: float, video_folder: Optional[Path]) -> dict:
+def play(policy, env_id: str, episodes: int, seed: int, video_folder: Optional[Path]) -> dict:
     """The episodes of an algorithm script's evaluation: batched in a vector env that resets a finished episode in
     the same step, env seeds seed * 1000 + i, torch seeded with `seed` for the random numbers a sampling policy
     draws, every episode acted for at every step. Returns mean_return, std_return and the returns."""
@@ -96,23 +96,16 @@ def play(policy, env_id: str, episodes: int, seed: int, gamma: float, video_fold
     same_step = gym.vector.AutoresetMode.SAME_STEP
     envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(i) for i in range(episodes)], autoreset_mode=same_step)
     observations, _ = envs.reset(seed=[seed * 1000 + i for i in range(episodes)])
-    returns, discounted, running, discount = np.zeros(episodes), np.zeros(episodes), np.ones(episodes, bool), 1.0
+    returns, running = np.zeros(episodes), np.ones(episodes, dtype=bool)
     torch.manual_seed(seed)
     with torch.no_grad():
         while running.any():
             actions = policy(torch.tensor(observations, dtype=torch.float32))
             observations, rewards, terminations, truncations, _ = envs.step(actions.numpy())
             returns += np.where(running, rewards, 0.0)
-            discounted += np.where(running, discount * rewards, 0.0)
-            discount *= gamma
             running &= ~(terminations | truncations)
     envs.close()
-    return {
-        "mean_return": float(returns.mean()),
-        "std_return": float(returns.std()),
-        "returns": returns.tolist(),
-        "discounted_return_initial": float(discounted.mean()),
-    }
+    return {"mean_return": float(returns.mean()), "std_return": float(returns.std()), "returns": returns.tolist()}
 
 
 def normalized_score(mean_return: float, references: Optional[dict]) -> Optional[float]:
@@ -145,7 +138,7 @@ def main() -> None:
     if args.capture_video:
         prepare_rendering(env_id)
     video_folder = args.policy.parent / "policy_videos" if args.capture_video else None
-    result = play(policy, env_id, episodes, seed, evaluation.get("gamma", 0.99), video_folder)
+    result = play(policy, env_id, episodes, seed, video_folder)
     line = (
         f"{info['algorithm']} on {env_id}: return {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
         f"{episodes} episodes (seed {seed})"

@@ -271,6 +271,20 @@ def train(name: str, dataset: Path, args: list, cwd: Path) -> dict:
     return json.loads((run_folder(cwd) / "summary.json").read_text())
 
 
+def tiny_box_batch() -> dict:
+    """Eight random transitions of a 3-dimensional state and a 1-dimensional action in [-1, 1], every other one a
+    termination: a batch for testing one update() of a Box script (drawn from torch's generator, in this order)."""
+    import torch
+
+    return {
+        "observations": torch.randn(8, 3),
+        "actions": torch.rand(8, 1) * 2 - 1,
+        "rewards": torch.randn(8),
+        "next_observations": torch.randn(8, 3),
+        "terminations": (torch.arange(8) % 2).float(),
+    }
+
+
 def check_run_folder(
     cwd: Path,
     name: str,

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import check_run_folder, load_algorithm, train
+from conftest import check_run_folder, load_algorithm, tiny_box_batch, train
 
 SCRIPT = "bcq_continuous"
 PENDULUM_LOW, PENDULUM_HIGH = np.array([-2.0], dtype=np.float32), np.array([2.0], dtype=np.float32)
@@ -111,13 +111,7 @@ def test_one_update_regresses_the_critics_on_the_soft_clipped_target_and_moves_t
         actor_optimizer=torch.optim.Adam(policy.actor.parameters(), lr=1e-3),
         critic_optimizer=torch.optim.SGD(policy.critic.parameters(), lr=0.0),
     )
-    batch = {
-        "observations": torch.randn(8, 3),
-        "actions": torch.rand(8, 1) * 2 - 1,
-        "rewards": torch.randn(8),
-        "next_observations": torch.randn(8, 3),
-        "terminations": (torch.arange(8) % 2).float(),
-    }
+    batch = tiny_box_batch()
     args = bcq.AlgorithmArgs(target_samples=4, tau=0.5, lmbda=0.75, gamma=0.9)
     old_actor, old_target_actor = copy.deepcopy(policy.actor), copy.deepcopy(target_actor)
     torch.manual_seed(1)

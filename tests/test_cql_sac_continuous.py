@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import check_run_folder, load_algorithm, train
+from conftest import check_run_folder, load_algorithm, tiny_box_batch, train
 
 SCRIPT = "cql_sac_continuous"
 # Small batches and few sampled actions keep the subprocess runs short; the mathematics is the same.
@@ -127,13 +127,7 @@ def test_one_update_clones_behaviour_then_follows_the_critic_with_its_td_target_
         entropy_optimizer=torch.optim.Adam([log_alphas["entropy"]], lr=args.alpha_lr),
         cql_alpha_optimizer=torch.optim.Adam([log_alphas["cql"]], lr=args.alpha_lr),
     )
-    batch = {
-        "observations": torch.randn(8, 3),
-        "actions": torch.rand(8, 1) * 2 - 1,
-        "rewards": torch.randn(8),
-        "next_observations": torch.randn(8, 3),
-        "terminations": (torch.arange(8) % 2).float(),
-    }
+    batch = tiny_box_batch()
     networks = dict(actor=actor, critic=critic, target_critic=target_critic, log_alphas=log_alphas)
 
     def by_hand(behaviour_cloning: bool) -> tuple[float, float]:

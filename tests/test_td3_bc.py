@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import check_run_folder, load_algorithm, train
+from conftest import check_run_folder, load_algorithm, tiny_box_batch, train
 
 SCRIPT = "td3_bc"
 
@@ -61,13 +61,7 @@ def test_one_update_moves_the_actor_every_policy_freq_steps_towards_the_critics_
     target_actor, target_critic = copy.deepcopy(actor), copy.deepcopy(critic)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
     critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)  # the critic stays, so its target can be checked
-    batch = {
-        "observations": torch.randn(8, 3),
-        "actions": torch.rand(8, 1) * 2 - 1,
-        "rewards": torch.randn(8),
-        "next_observations": torch.randn(8, 3),
-        "terminations": (torch.arange(8) % 2).float(),
-    }
+    batch = tiny_box_batch()
     args = td3_bc.AlgorithmArgs(policy_noise=0.0, tau=0.5)
     networks = dict(actor=actor, critic=critic, target_actor=target_actor, target_critic=target_critic)
     before = [parameter.clone() for parameter in actor.parameters()]
