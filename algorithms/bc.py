@@ -9,6 +9,10 @@ where it beats this baseline, typically on noisy or mixed data, where imitation 
     Box, --box-loss mse:       L = mean_batch (tanh(f(s)) - a)^2                     acts by tanh(f(s))
     Box, --box-loss gaussian:  L = -mean_batch log pi(a|s), pi = tanh(N(mu, sigma))  acts by tanh(mu(s))
 
+--top-fraction F clones only the best F of the dataset's complete episodes by return ("10% BC" at F = 0.1; Chen et
+al., 2021, https://arxiv.org/abs/2106.01345, section 5.3; CORL's any_percent_bc): the baseline that knows the
+returns, and a measure of how much good behaviour a dataset holds.
+
 Box actions live in the normalised box [-1, 1]^d, mapped to the env's bounds when acting. The log-likelihood of
 a tanh-squashed Gaussian is the change of variables of SAC's appendix C (https://arxiv.org/abs/1801.01290,
 eq. 21): log pi(a|s) = log N(u; mu, sigma) - sum_i log(1 - tanh(u_i)^2), u = atanh(a).
@@ -47,7 +51,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 ACTION_KIND = "both"  # the action spaces this script learns: "discrete", "box" or "both"
-DATASET_KEYS = ("observations", "actions")  # no rewards: imitation needs the states and the actions only
+# Rewards and episode ends only choose the episodes of --top-fraction; the imitation itself reads states and actions.
+DATASET_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
 
 
 @dataclass
@@ -71,6 +76,8 @@ class AlgorithmArgs:
     box_loss: Literal["gaussian", "mse"] = "mse"
     """Box actions: MSE of tanh(network) (CORL's), or NLL of a tanh-Gaussian (it swung from 10% to 100% of another
     agent's BipedalWalker data, results/ablations.md)"""
+    top_fraction: float = 1.0
+    """clone only the best this fraction of the complete episodes by return (0.1: "10% BC"); 1.0: every transition"""
     gamma: float = 0.99
     """discount of the logged discounted return of the evaluation episodes (BC itself does not use it)"""
 
@@ -84,6 +91,8 @@ def check_flags(args: "Args") -> None:
         fail(f"--learning-rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.gamma <= 1.0:
         fail(f"--gamma must be in [0, 1], got {args.gamma}")
+    if not 0.0 < args.top_fraction <= 1.0:
+        fail(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -124,6 +133,29 @@ def bc_loss(output: torch.Tensor, actions: torch.Tensor, discrete: bool, box_los
     if box_loss == "mse":
         return F.mse_loss(torch.tanh(output), actions)
     return tanh_gaussian_nll(output, actions)
+
+
+def best_episodes(
+    data: dict[str, torch.Tensor], fraction: float, time_limit: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices of the transitions, and the returns, of the best `fraction` of the complete episodes by
+    undiscounted return (at least one episode; CORL keeps int(fraction * episodes) of them). Returns are summed from
+    the rewards between the episode ends, never read from the file. Complete: ending in a termination, or in a
+    truncation after `time_limit` steps; a segment cut short (the end of a collection, or of one part of a mix) has
+    no return of its own and is left out, as is whatever follows the last episode end."""
+    ends = torch.nonzero((data["terminations"] > 0) | (data["truncations"] > 0)).squeeze(1)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+    lengths = ends - starts + 1
+    complete = (data["terminations"][ends] > 0) | (lengths == (time_limit or -1))
+    episode = torch.repeat_interleave(torch.arange(len(ends), device=ends.device), lengths)
+    returns = torch.zeros(len(ends), dtype=torch.float64, device=ends.device)
+    returns.index_add_(0, episode, data["rewards"][: len(episode)].double())
+    candidates = torch.nonzero(complete).squeeze(1)
+    order = torch.sort(returns[candidates], descending=True, stable=True).indices
+    kept = candidates[order[: max(1, int(fraction * len(candidates)))]] if len(candidates) else candidates
+    keep = torch.zeros(len(ends), dtype=torch.bool, device=ends.device)
+    keep[kept] = True
+    return torch.nonzero(keep[episode]).squeeze(1), returns[kept]
 
 
 def deterministic_action(output: torch.Tensor, discrete: bool, gaussian: bool) -> torch.Tensor:
@@ -542,7 +574,10 @@ class Run:
                 part.load_state_dict(checkpoint["state"][name])
             set_rng_states(checkpoint["rng"])
         self.scalars, self.last_losses, self.sps = {}, {}, 0.0
-        extras = "".join(f", {key} {value:.4g}" for key, value in self.extra.items())
+        extras = "".join(
+            f", {key} {value:.4g}" if isinstance(value, float) else f", {key} {value}"
+            for key, value in self.extra.items()
+        )
         resumed = f", resumed after step {self.step}" if checkpoint else ""
         print(
             f"{args.exp_name}: {len(self.data['actions'])} transitions from {args.dataset}{extras}, evaluating on "
@@ -690,6 +725,14 @@ class Run:
 if __name__ == "__main__":
     run = Run()
     args, data, device, space = run.args, run.data, run.device, run.action_space
+    extra = None
+    if args.top_fraction < 1.0:
+        indices, returns = best_episodes(data, args.top_fraction, gym.spec(run.env_id).max_episode_steps)
+        if len(returns) == 0:
+            fail(f"{args.dataset} has no complete episode to choose from; --top-fraction needs whole episodes")
+        extra = {"top_fraction": args.top_fraction, "kept_episodes": len(returns), "kept_transitions": len(indices)}
+        extra["kept_mean_return"] = float(returns.mean())
+        data = run.data = {key: value[indices] for key, value in data.items()}
     obs_dim, discrete = data["observations"].shape[1], data["actions"].dtype == torch.long
     gaussian = not discrete and args.box_loss == "gaussian"
     output_dim = int(space.n) if discrete else data["actions"].shape[1] * (2 if gaussian else 1)
@@ -704,6 +747,7 @@ if __name__ == "__main__":
         state={"policy": policy, "optimizer": optimizer},
         model=policy,
         acting=ActingPolicy(policy, discrete, gaussian, low, high),
+        extra=extra,
     )
     for step in run.steps():
         run.end_step(step, update(step, sample(data, args.batch_size), policy, optimizer, args))

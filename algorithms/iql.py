@@ -611,7 +611,10 @@ class Run:
                 part.load_state_dict(checkpoint["state"][name])
             set_rng_states(checkpoint["rng"])
         self.scalars, self.last_losses, self.sps = {}, {}, 0.0
-        extras = "".join(f", {key} {value:.4g}" for key, value in self.extra.items())
+        extras = "".join(
+            f", {key} {value:.4g}" if isinstance(value, float) else f", {key} {value}"
+            for key, value in self.extra.items()
+        )
         resumed = f", resumed after step {self.step}" if checkpoint else ""
         print(
             f"{args.exp_name}: {len(self.data['actions'])} transitions from {args.dataset}{extras}, evaluating on "

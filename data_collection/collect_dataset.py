@@ -10,6 +10,11 @@ Policies:
   noisy   the expert, but at each step with probability --random-action-prob a uniform random action, and
           for Box actions Gaussian noise (--noise-std times half the action range) on the other steps: the
           "imperfect demonstrations" of BCQ (Fujimoto et al., 2019, section 6).
+  sampled the agent's own stochastic policy: an action drawn from its distribution at every step (a Gaussian,
+          squashed for SAC and TQC and clipped for PPO and A2C, or a categorical for discrete actions), as D4RL
+          recorded its MuJoCo datasets. The data then holds several actions near each visited state, where expert
+          holds one. Agents trained with gSDE get a fresh exploration matrix every step. Only agents with a
+          stochastic policy (a2c, ppo, trpo, sac, tqc, crossq) can sample; DQN's epsilon-greedy is --policy noisy.
   random  uniform random actions.
 
 The agent comes from `sb3/<algo>-<EnvId>` on the Hub (downloaded with huggingface_hub.hf_hub_download, so
@@ -70,6 +75,8 @@ MUJOCO_ENVS = (
     "Swimmer",
     "Walker2d",
 )
+# Algorithms whose policy is a distribution to sample from; the others (dqn, qrdqn, td3, ddpg, ars) act greedily.
+STOCHASTIC_ALGOS = ("a2c", "ppo", "trpo", "sac", "tqc", "crossq")
 REFERENCE_SEED = 1_000_000  # reference episodes use seeds REFERENCE_SEED + i, apart from any collection seed
 
 
@@ -77,8 +84,9 @@ REFERENCE_SEED = 1_000_000  # reference episodes use seeds REFERENCE_SEED + i, a
 class Args:
     env_id: str = "LunarLander-v3"
     """gymnasium env id to collect on (today's id, e.g. LunarLander-v3, BipedalWalker-v3, Hopper-v5)"""
-    policy: Literal["expert", "noisy", "random"] = "expert"
-    """expert: the agent's deterministic action; noisy: the expert with random actions and noise; random: uniform"""
+    policy: Literal["expert", "noisy", "sampled", "random"] = "expert"
+    """expert: the agent's deterministic action; noisy: the expert with random actions and noise; sampled: drawn from
+    the agent's stochastic policy (D4RL's way); random: uniform"""
     repo_id: Optional[str] = None
     """Hub repo of the agent, e.g. sb3/ppo-LunarLander-v2; None: the env's expert, or sb3/<algo>-<EnvId> with --algo"""
     algo: Optional[str] = None
@@ -90,7 +98,7 @@ class Args:
     output: Optional[Path] = None
     """where to write the dataset; None: datasets/<env_id>/<policy>.npz"""
     seed: int = 0
-    """seed of the envs (env i gets seed + i) and of the random actions and noise"""
+    """seed of the envs (env i gets seed + i) and of the random actions, noise and sampled actions"""
     num_envs: int = 8
     """envs stepped together in a vector env, with one batched agent prediction per step"""
     overwrite: bool = False
@@ -353,7 +361,7 @@ class GymToGymnasiumUnpickler(pickle.Unpickler):
 
 
 class Agent:
-    """A loaded SB3 agent acting deterministically on batches of raw observations."""
+    """A loaded SB3 agent acting on batches of raw observations: its deterministic action, or one sampled from it."""
 
     def __init__(self, source: AgentSource, env_id: str):
         env = make_env_checked(env_id)
@@ -430,6 +438,17 @@ class Agent:
         if self.normalizer is not None:
             observations = self.normalizer.normalize_obs(observations)
         actions, _ = self.model.predict(observations, deterministic=True)
+        return actions.astype(self.action_dtype)
+
+    def sample(self, observations: np.ndarray) -> np.ndarray:
+        """An action drawn from the agent's policy for each observation, with torch's global generator."""
+        if self.normalizer is not None:
+            observations = self.normalizer.normalize_obs(observations)
+        if getattr(self.model, "use_sde", False):
+            # gSDE keeps one exploration matrix until reset_noise(): without a new one per step and per env, every
+            # "sampled" action would be the same fixed function of the state.
+            self.model.policy.reset_noise(len(observations))
+        actions, _ = self.model.predict(observations, deterministic=False)
         return actions.astype(self.action_dtype)
 
 
@@ -639,8 +658,14 @@ def main() -> None:
                 f"{args.env_id} has no default expert; name one with --algo (sb3/<algo>-{hub_env_id(args.env_id)}), "
                 f"--repo-id or --agent-path"
             )
+        if args.policy == "sampled" and collecting_source.algo not in STOCHASTIC_ALGOS:
+            raise DatasetError(
+                f"--policy sampled draws from the agent's stochastic policy, and a {collecting_source.algo} agent "
+                f"has none (it acts greedily); use an agent of {', '.join(STOCHASTIC_ALGOS)}, or --policy noisy "
+                f"--random-action-prob <epsilon> for {collecting_source.algo}'s epsilon-greedy data"
+            )
         expert = load_agent(collecting_source, args.env_id, loaded)
-        act = expert.act
+        act = expert.sample if args.policy == "sampled" else expert.act
         if args.policy == "noisy":
             noise = {"random_action_prob": args.random_action_prob}
             if isinstance(action_space, gym.spaces.Box):
@@ -657,6 +682,7 @@ def main() -> None:
         args.env_id, action_space, reference_source, loaded, args.reference_episodes
     )
 
+    torch.manual_seed(args.seed)  # the sampled actions, drawn by torch.distributions from the global generator
     start = time.time()
     arrays = collect(args.env_id, act, args.num_transitions, args.num_envs, args.seed)
     collection_seconds = time.time() - start
@@ -668,6 +694,7 @@ def main() -> None:
         "agent_trained_on": None if expert is None else collecting_source.trained_on,
         "vec_normalize": None if expert is None else expert.normalizer is not None,
         "noise": noise,
+        "gsde_reset_every_step": args.policy == "sampled" and bool(getattr(expert.model, "use_sde", False)),
         "seed": args.seed,
         "num_envs": args.num_envs,
         "num_transitions": int(len(arrays["rewards"])),

@@ -6,6 +6,11 @@
     .venv/bin/python results/run_matrix.py --only LunarLander-v3 --stop-within 150
     .venv/bin/python results/run_matrix.py --backend ray --address auto --jobs 32   # on a Ray cluster
     .venv/bin/python results/make_report.py                       # tables and plots from what is done
+    .venv/bin/python results/run_matrix.py --grid coverage --jobs 2   # the data-coverage study, its own seeds
+
+--grid coverage runs the study of results/README.md's "Data coverage" section instead: deterministic against
+sampled mixes of agents that are not the matrix's, with training seeds that are not the matrix's, recorded in
+results/coverage/ the same way (the defaults of the scripts are chosen on it, never on the matrix).
 
 Each run is the algorithm script started from the repository root as a user starts it, with --threads 1 so
 that two runs share this 2-core machine without slowing each other. With --backend ray each run is a Ray task
@@ -76,7 +81,26 @@ DATASET_COMMANDS = {
     ("BipedalWalker-v3", "noisy"): f"{COLLECT} --env-id BipedalWalker-v3 --policy noisy",
     ("BipedalWalker-v3", "expert"): f"{COLLECT} --env-id BipedalWalker-v3 --policy expert",
 }
-DATASET_INPUTS = {("Hopper-v5", "medium-expert"): (("Hopper-v5", "medium"), ("Hopper-v5", "expert"))}
+# The coverage study's data: sb3/ppo-Hopper-v3 and sb3/tqc-Hopper-v3, each acting deterministically or sampling
+# from its policy, with a collection seed that is not the matrix's.
+HOPPER_TUNING = f"{COLLECT} --env-id Hopper-v5 --seed 10"
+DATASET_COMMANDS |= {
+    ("Hopper-v5", "ppo-s10"): f"{HOPPER_TUNING} --policy expert --algo ppo --output datasets/Hopper-v5/ppo-s10.npz",
+    ("Hopper-v5", "tqc-s10"): f"{HOPPER_TUNING} --policy expert --algo tqc --output datasets/Hopper-v5/tqc-s10.npz",
+    ("Hopper-v5", "ppo-tqc"): "python data_collection/mix_datasets.py datasets/Hopper-v5/ppo-s10.npz "
+    "datasets/Hopper-v5/tqc-s10.npz --output datasets/Hopper-v5/ppo-tqc.npz",
+    ("Hopper-v5", "ppo-sampled-s10"): f"{HOPPER_TUNING} --policy sampled --algo ppo "
+    "--output datasets/Hopper-v5/ppo-sampled-s10.npz",
+    ("Hopper-v5", "tqc-sampled-s10"): f"{HOPPER_TUNING} --policy sampled --algo tqc "
+    "--output datasets/Hopper-v5/tqc-sampled-s10.npz",
+    ("Hopper-v5", "ppo-tqc-sampled"): "python data_collection/mix_datasets.py datasets/Hopper-v5/ppo-sampled-s10.npz "
+    "datasets/Hopper-v5/tqc-sampled-s10.npz --output datasets/Hopper-v5/ppo-tqc-sampled.npz",
+}
+DATASET_INPUTS = {
+    ("Hopper-v5", "medium-expert"): (("Hopper-v5", "medium"), ("Hopper-v5", "expert")),
+    ("Hopper-v5", "ppo-tqc"): (("Hopper-v5", "ppo-s10"), ("Hopper-v5", "tqc-s10")),
+    ("Hopper-v5", "ppo-tqc-sampled"): (("Hopper-v5", "ppo-sampled-s10"), ("Hopper-v5", "tqc-sampled-s10")),
+}
 """the datasets a dataset's command reads"""
 
 
@@ -95,6 +119,7 @@ CQL_DQN = Algorithm("CQL", "algorithms/cql_discrete_lunarlander.py", minutes=4)
 DQN = Algorithm("DQN", "algorithms/cql_discrete_lunarlander.py", ("--cql-alpha", "0", "--exp-name", "dqn"), 3)
 BCQ_DISCRETE = Algorithm("BCQ", "algorithms/bcq_discrete.py", minutes=7)
 BC = Algorithm("BC", "algorithms/bc.py", minutes=2)
+BC_TOP10 = Algorithm("10%BC", "algorithms/bc.py", ("--top-fraction", "0.1", "--exp-name", "bc_top10"), 2)
 CQL_SAC = Algorithm("CQL", "algorithms/cql_sac_continuous.py", minutes=36)
 SAC = Algorithm("SAC", "algorithms/cql_sac_continuous.py", ("--cql-alpha", "0", "--exp-name", "sac"), 15)
 BCQ = Algorithm("BCQ", "algorithms/bcq_continuous.py", minutes=50)
@@ -117,6 +142,18 @@ MATRIX = (
     EnvRows("BipedalWalker-v3", ("random", "noisy", "expert"), (BCQ, CQL_SAC, TD3_BC, IQL, SAC, BC)),
 )
 SEEDS = (1, 2, 3)
+COVERAGE = (EnvRows("Hopper-v5", ("ppo-tqc", "ppo-tqc-sampled"), (TD3_BC, BC, BC_TOP10, IQL)),)
+GRIDS = {
+    "matrix": (MATRIX, SEEDS, MATRIX_DIR),
+    "coverage": (COVERAGE, (4, 5, 6), ROOT / "results" / "coverage"),
+}
+"""each grid: its rows, its training seeds and the folder of its records"""
+
+
+def select_grid(name: str) -> None:
+    """Point MATRIX, SEEDS and MATRIX_DIR, which every function here reads, at the grid `name`."""
+    global MATRIX, SEEDS, MATRIX_DIR
+    MATRIX, SEEDS, MATRIX_DIR = GRIDS[name]
 
 
 @dataclass(frozen=True)
@@ -160,6 +197,8 @@ class Run:
 
 @dataclass
 class Args:
+    grid: Literal["matrix", "coverage"] = "matrix"
+    """matrix: the benchmark of results/README.md; coverage: the data-coverage study (results/coverage/)"""
     jobs: int = 2
     """runs at a time (each at 1 torch thread); 2 on a 2-core machine"""
     only: list[str] = field(default_factory=list)
@@ -471,6 +510,7 @@ def main(args: Args) -> None:
     if args.address is not None and args.backend != "ray":
         fail("--address names a Ray cluster: give it with --backend ray")
     deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
+    select_grid(args.grid)
     runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
     describe_datasets(all_runs())
     if args.list:
