@@ -39,10 +39,12 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_matrix import MATRIX, MATRIX_DIR, ROOT, SEEDS  # noqa: E402
+from run_matrix import GRIDS, MATRIX, MATRIX_DIR, ROOT, SEEDS  # noqa: E402
 
 BEGIN, END = "<!-- report:begin (made by results/make_report.py) -->", "<!-- report:end -->"
+COVERAGE_BEGIN, COVERAGE_END = "<!-- coverage:begin (made by results/make_report.py) -->", "<!-- coverage:end -->"
 NAIVE = {"DQN", "SAC"}
+FILTERED_BC = "10%BC"  # bc.py --top-fraction 0.1: it reads the returns, so it is a bar beside BC, not an offline method
 COLOURS = {
     "CQL": "tab:blue",
     "BCQ": "tab:green",
@@ -51,6 +53,7 @@ COLOURS = {
     "DQN": "tab:red",
     "SAC": "tab:red",
     "BC": "tab:gray",
+    "10%BC": "tab:brown",
 }
 
 
@@ -62,6 +65,8 @@ class Args:
     """the README whose marked part is rewritten"""
     figures: Path = ROOT / "results" / "figures"
     """folder of the PNG plots"""
+    coverage: Path = GRIDS["coverage"][2]
+    """folder of the finished runs of the data-coverage study (run_matrix.py --grid coverage)"""
 
 
 def load_runs(matrix: Path) -> dict[tuple[str, str, str], list[dict]]:
@@ -352,7 +357,6 @@ def plot_compute(runs, path: Path) -> bool:
 
 def claims(runs, behaviour: dict) -> list[str]:
     """The README's claims a teacher relies on, each checked against the runs: holds, fails, or not yet run."""
-    from rliable import library as rly
 
     def final(env_id, dataset, label) -> Optional[float]:
         records = runs.get((env_id, dataset, label), [])
@@ -396,28 +400,39 @@ def claims(runs, behaviour: dict) -> list[str]:
                 )
     for env_id, dataset in COMPUTE_PANELS:
         env = next(env for env in MATRIX if env.env_id == env_id)
-        cells = {
-            a.label: np.array(
-                [[r["summary"]["final_normalized_score"]] for r in runs.get((env_id, dataset, a.label), [])],
-                dtype=float,
-            )
-            for a in env.algorithms
-            if a.label not in NAIVE
-        }
-        cells = {label: cell for label, cell in cells.items() if len(cell) == len(SEEDS)}
-        if "BC" not in cells or len(cells) < 2:
-            lines.append(f"| the best offline method beats BC on {env_id} {dataset} | not every seed has run | – |")
-            continue
-        seed_bootstrap()
-        means, cis = rly.get_interval_estimates(cells, lambda x: np.array([x.mean()]), reps=BOOTSTRAP_REPS)
-        best = max((label for label in cells if label != "BC"), key=lambda label: means[label][0])
-        holds = cis[best][0, 0] > cis["BC"][1, 0]
-        lines.append(
-            f"| the best offline method beats BC outside the 95% intervals on {env_id} {dataset} | "
-            f"{best} {interval(means[best][0], cis[best][:, 0])} vs BC "
-            f"{interval(means['BC'][0], cis['BC'][:, 0])} | {'holds' if holds else '**fails**'} |"
-        )
+        lines.append(beats_bc(runs, env, dataset, len(SEEDS)))
     return [*lines, ""]
+
+
+def beats_bc(runs, env, dataset: str, seeds: int) -> str:
+    """The claims-table line: does the best offline method's 95% bootstrap interval of the mean final normalised
+    score lie above BC's on this dataset? Filtered BC (10%BC), which reads the returns, is reported beside it."""
+    from rliable import library as rly
+
+    cells = {
+        a.label: np.array(
+            [[r["summary"]["final_normalized_score"]] for r in runs.get((env.env_id, dataset, a.label), [])],
+            dtype=float,
+        )
+        for a in env.algorithms
+        if a.label not in NAIVE
+    }
+    cells = {label: cell for label, cell in cells.items() if len(cell) == seeds}
+    offline = [label for label in cells if label not in ("BC", FILTERED_BC)]
+    if "BC" not in cells or not offline:
+        return f"| the best offline method beats BC on {env.env_id} {dataset} | not every seed has run | – |"
+    seed_bootstrap()
+    means, cis = rly.get_interval_estimates(cells, lambda x: np.array([x.mean()]), reps=BOOTSTRAP_REPS)
+    best = max(offline, key=lambda label: means[label][0])
+    holds = cis[best][0, 0] > cis["BC"][1, 0]
+    beside = (
+        f"; {FILTERED_BC} {interval(means[FILTERED_BC][0], cis[FILTERED_BC][:, 0])}" if FILTERED_BC in cells else ""
+    )
+    return (
+        f"| the best offline method beats BC outside the 95% intervals on {env.env_id} {dataset} | "
+        f"{best} {interval(means[best][0], cis[best][:, 0])} vs BC "
+        f"{interval(means['BC'][0], cis['BC'][:, 0])}{beside} | {'holds' if holds else '**fails**'} |"
+    )
 
 
 def still_climbing(records: list[dict]) -> Optional[tuple[float, bool]]:
@@ -527,19 +542,105 @@ def report(runs, matrix: Path, figures: Path, readme_dir: Path) -> list[str]:
     return lines
 
 
-def main(args: Args) -> None:
-    runs = load_runs(args.matrix)
-    args.figures.mkdir(parents=True, exist_ok=True)
-    generated = "\n".join([BEGIN, *report(runs, args.matrix, args.figures, args.readme.parent), END])
-    text = args.readme.read_text() if args.readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
+def coverage_report(coverage: Path, figures: Path, readme_dir: Path) -> list[str]:
+    """The data-coverage study: each method's final normalised score on a mix collected deterministically and on
+    the same mix sampled from the agents' policies (mean and 95% bootstrap interval over seeds), the data's own
+    score, what 10%BC kept, the claim that the best offline method beats BC, and results/figures/coverage.png."""
+    from rliable import library as rly
+
+    rows, seeds, _ = GRIDS["coverage"]
+    runs, behaviour = load_runs(coverage), dataset_scores(coverage)
+    if not runs:
+        return ["No run of the coverage study has finished yet (`results/run_matrix.py --grid coverage`)."]
+    lines = []
+    figure, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.6), squeeze=False)
+    for axis, env in zip(axes[0], rows):
+        labels = [algorithm.label for algorithm in env.algorithms]
+        lines += [
+            f"Final normalised score on {env.env_id}: mean over seeds with its 95% bootstrap interval "
+            f"({BOOTSTRAP_REPS:,} resamples; training seeds {', '.join(map(str, seeds))}):",
+            "",
+            f"| dataset | the data | {' | '.join(labels)} |",
+            "|---" * (len(labels) + 2) + "|",
+        ]
+        claim_lines, kept = [], []
+        for position, dataset in enumerate(env.datasets):
+            cells = []
+            for offset, label in enumerate(labels):
+                records = runs.get((env.env_id, dataset, label), [])
+                scores = np.array([[r["summary"]["final_normalized_score"]] for r in records], dtype=float)
+                if len(records) == 0:
+                    cells.append("–")
+                    continue
+                seed_bootstrap()
+                means, cis = rly.get_interval_estimates({label: scores}, lambda x: np.array([x.mean()]), reps=2_000)
+                low, high = cis[label][:, 0]
+                partial = f" ({len(records)} of {len(seeds)} seeds)" if len(records) < len(seeds) else ""
+                cells.append(interval(means[label][0], cis[label][:, 0]) + partial)
+                x = position + (offset - (len(labels) - 1) / 2) * 0.12
+                axis.errorbar(
+                    x,
+                    means[label][0],
+                    yerr=[[means[label][0] - low], [high - means[label][0]]],
+                    fmt="o",
+                    color=COLOURS.get(label),
+                    label=label,
+                    capsize=3,
+                )
+                if label == FILTERED_BC:
+                    summary = records[0]["summary"]
+                    kept.append(
+                        f"{dataset}: {summary['kept_episodes']} episodes, {summary['kept_transitions']:,} transitions,"
+                        f" mean return {summary['kept_mean_return']:.0f}"
+                    )
+            data = behaviour.get((env.env_id, dataset))
+            if data is not None:
+                axis.plot([position - 0.3, position + 0.3], [data, data], color="black", linestyle="--", linewidth=1)
+            lines.append(f"| {dataset} | {'–' if data is None else f'{data:.1f}'} | {' | '.join(cells)} |")
+            claim_lines.append(beats_bc(runs, env, dataset, len(seeds)))
+        if kept:
+            lines += ["", f"{FILTERED_BC} kept the best 10% of each mix's complete episodes: {'; '.join(kept)}."]
+        lines += ["", "| claim | numbers | verdict |", "|---|---|---|", *claim_lines, ""]
+        axis.set_xticks(range(len(env.datasets)), env.datasets)
+        axis.set_title(env.env_id)
+        axis.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("final normalised score")
+    path = figures / "coverage.png"
+    data_line = matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="the data")
+    save_with_legend(figure, axes[0], path, (data_line,))
+    records = [run for cell in runs.values() for run in cell]
+    commits = sorted({run["commit"][:7] for run in records})
+    lines += [
+        f"![score against dataset kind]({path.relative_to(readme_dir)})",
+        "",
+        f"{len(records)} runs, {sum(run['wall_time_s'] for run in records) / 3600:.1f} hours of run time, at "
+        f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}; each run's command is in "
+        "`results/coverage/<run>/run.json`, the datasets in `results/coverage/datasets.md`.",
+    ]
+    return lines
+
+
+def replace_between(text: str, begin: str, end: str, lines: list[str], path: Path) -> str:
+    """text with the part between the marker lines begin and end replaced by lines; exit 2 without the markers."""
+    if begin not in text or end not in text:
         print(
-            f"error: {args.readme} has no report markers; put these two lines where the tables go:\n{BEGIN}\n{END}",
+            f"error: {path} has no report markers; put these two lines where the tables go:\n{begin}\n{end}",
             file=sys.stderr,
         )
         sys.exit(2)
-    before, rest = text.split(BEGIN, 1)
-    args.readme.write_text(before + generated + rest.split(END, 1)[1])
+    before, rest = text.split(begin, 1)
+    return before + "\n".join([begin, *lines, end]) + rest.split(end, 1)[1]
+
+
+def main(args: Args) -> None:
+    runs = load_runs(args.matrix)
+    args.figures.mkdir(parents=True, exist_ok=True)
+    text = args.readme.read_text() if args.readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    text = replace_between(text, BEGIN, END, report(runs, args.matrix, args.figures, args.readme.parent), args.readme)
+    if COVERAGE_BEGIN in text:  # the data-coverage section, where the README has its markers
+        coverage = coverage_report(args.coverage, args.figures, args.readme.parent)
+        text = replace_between(text, COVERAGE_BEGIN, COVERAGE_END, coverage, args.readme)
+    args.readme.write_text(text)
     print(
         f"wrote {args.readme} and {len(list(args.figures.glob('*.png')))} plots in {args.figures}/ "
         f"from {sum(len(v) for v in runs.values())} runs"

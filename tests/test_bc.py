@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, check_run_folder, load_algorithm, run_algorithm, train
+from conftest import assert_clean_failure, check_run_folder, load_algorithm, run_algorithm, run_folder, train
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,64 @@ def test_one_update_takes_one_gradient_step_of_the_loss_computed_by_hand(bc):
         for moved, before in zip(policy.parameters(), by_hand.parameters()):  # one SGD step: p - lr * grad
             torch.testing.assert_close(moved, before - 0.1 * before.grad)
         assert policy.obs_mean.tolist() == [0.5] * 3 and policy.obs_std.tolist() == [2.0] * 3
+
+
+# ------------------------------------------------------------------------------------ --top-fraction
+def test_best_episodes_by_hand(bc):
+    # Episodes: A terminates (return 3), B is truncated by the time limit of 2 steps (10), C is a segment cut short
+    # after 1 step (100, no return of its own), D terminates (1); the last transition has no end (50).
+    rewards = [1, 1, 1, 5, 5, 100, 0, 1, 50]
+    terminations = [0, 0, 1, 0, 0, 0, 0, 1, 0]
+    truncations = [0, 0, 0, 0, 1, 1, 0, 0, 0]
+    data = {
+        "rewards": torch.tensor(rewards, dtype=torch.float32),
+        "terminations": torch.tensor(terminations, dtype=torch.float32),
+        "truncations": torch.tensor(truncations, dtype=torch.float32),
+    }
+    for fraction, indices, returns in [
+        (1.0, [0, 1, 2, 3, 4, 6, 7], [10, 3, 1]),
+        (0.67, [0, 1, 2, 3, 4], [10, 3]),  # int(0.67 * 3) = 2 episodes
+        (0.5, [3, 4], [10]),
+        (0.01, [3, 4], [10]),  # at least one episode
+    ]:
+        kept, kept_returns = bc.best_episodes(data, fraction, time_limit=2)
+        assert kept.tolist() == indices and kept_returns.tolist() == returns, fraction
+    kept, kept_returns = bc.best_episodes(data, 1.0, time_limit=None)  # no time limit: truncations are all cuts
+    assert kept.tolist() == [0, 1, 2, 6, 7] and kept_returns.tolist() == [3, 1]
+
+
+def test_top_fraction_clones_the_best_episodes_and_records_them(cartpole_dataset, tmp_path):
+    from conftest import load_npz
+
+    arrays, _ = load_npz(cartpole_dataset)
+    ends = np.flatnonzero(arrays["terminations"] | arrays["truncations"])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    returns = np.array([arrays["rewards"][start : end + 1].sum() for start, end in zip(starts, ends)])
+    complete = arrays["terminations"][ends] | (lengths == 500)  # CartPole-v1's time limit
+    best = np.sort(returns[complete])[::-1][: int(0.25 * complete.sum())]
+    result = run_algorithm(
+        "bc",
+        [
+            "--dataset",
+            cartpole_dataset,
+            "--top-fraction",
+            0.25,
+            "--total-steps",
+            100,
+            "--eval-freq",
+            100,
+            "--eval-episodes",
+            2,
+            "--no-save-model",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_folder(tmp_path) / "summary.json").read_text())
+    assert summary["kept_episodes"] == len(best) and summary["kept_mean_return"] == pytest.approx(best.mean())
+    assert summary["kept_transitions"] == int(best.sum())  # CartPole pays 1 per step: a return is a length
+    assert f"top_fraction 0.25, kept_episodes {len(best)}, kept_transitions {int(best.sum())}" in result.stdout
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -148,3 +208,22 @@ def test_diverging_loss_stops_with_the_step(pendulum_dataset, tmp_path):
         cwd=tmp_path,
     )
     assert_clean_failure(result, "at gradient step", "last finite losses")
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5])
+def test_top_fraction_outside_zero_one_is_refused(cartpole_dataset, tmp_path, fraction):
+    result = run_algorithm("bc", ["--dataset", cartpole_dataset, "--top-fraction", fraction], cwd=tmp_path)
+    assert_clean_failure(result, "--top-fraction must be in (0, 1]", returncode=2)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_top_fraction_without_a_complete_episode_is_refused(tmp_path):
+    from conftest import pendulum_controller, write_scripted_dataset
+
+    # 4 envs for 10 steps: every Pendulum episode (200 steps) is cut short by the end of the collection.
+    path = tmp_path / "Pendulum-v1" / "cut.npz"
+    path.parent.mkdir()
+    write_scripted_dataset(path, "Pendulum-v1", pendulum_controller, random_action_prob=0.0, num_transitions=40)
+    result = run_algorithm("bc", ["--dataset", path, "--top-fraction", 0.1], cwd=tmp_path)
+    assert_clean_failure(result, "has no complete episode", returncode=2)
+    assert not (tmp_path / "runs").exists()

@@ -266,3 +266,80 @@ def test_agent_path_uses_local_zip_and_its_vec_normalize(agents, tmp_path, pendu
     assert metadata["agent"] == str(agents["pendulum"] / "ppo-Pendulum-v1.zip")
     assert metadata["vec_normalize"] is True
     np.testing.assert_array_equal(arrays["actions"], pendulum_expert[0]["actions"])
+
+
+# ------------------------------------------------------------------------------------ --policy sampled
+def test_sampled_discrete_actions_are_drawn_from_the_agents_policy(agents, hub_cache, tmp_path, cartpole_expert):
+    import torch
+
+    arrays, metadata = collect(
+        hub_cache,
+        tmp_path / "sampled.npz",
+        "--env-id",
+        "CartPole-v1",
+        "--policy",
+        "sampled",
+        "--algo",
+        "ppo",
+        "--num-transitions",
+        4000,
+    )
+    assert metadata["policy"] == "sampled" and metadata["gsde_reset_every_step"] is False
+    # The reference stays the deterministic agent's return, the same as the expert dataset's.
+    assert metadata["reference_returns"] == cartpole_expert[1]["reference_returns"]
+    env = gym.make("CartPole-v1")
+    model = PPO.load(
+        agents["cartpole"] / "ppo-CartPole-v1.zip",
+        device="cpu",
+        custom_objects={"observation_space": env.observation_space, "action_space": env.action_space},
+    )
+    observations = torch.as_tensor(arrays["observations"])
+    with torch.no_grad():
+        probabilities = model.policy.get_distribution(observations).distribution.probs.numpy()
+    greedy = probabilities.argmax(axis=1)
+    # A draw differs from the greedy action with probability 1 - max p: on average over the data's states.
+    expected = np.mean(1.0 - probabilities.max(axis=1))
+    assert expected > 0.1, "the tiny agent should be far from deterministic"
+    assert abs(np.mean(arrays["actions"] != greedy) - expected) < 0.04
+
+
+def test_sampled_same_seed_same_file_another_seed_other_actions(hub_cache, tmp_path):
+    def sampled(name, seed):
+        return collect(
+            hub_cache,
+            tmp_path / name,
+            "--env-id",
+            "Pendulum-v1",
+            "--policy",
+            "sampled",
+            "--algo",
+            "ppo",
+            "--num-transitions",
+            600,
+            "--num-envs",
+            3,
+            "--seed",
+            seed,
+        )[0]
+
+    first, again, other = sampled("a.npz", 5), sampled("b.npz", 5), sampled("c.npz", 6)
+    for key in ARRAY_KEYS:
+        np.testing.assert_array_equal(again[key], first[key])
+    assert not np.array_equal(other["actions"], first["actions"])
+    assert np.all(np.abs(first["actions"]) <= 2.0)
+
+
+def test_gsde_agent_draws_a_new_exploration_matrix_every_step_and_env(tmp_path):
+    """Without reset_noise() each step, gSDE's noise is one fixed function of the state: the same state, the same
+    action. Sampled, the same observation in several envs and at two steps gets a different action each time."""
+    from collect_dataset import Agent, AgentSource
+
+    model = PPO("MlpPolicy", "Pendulum-v1", use_sde=True, policy_kwargs={"log_std_init": -3.0}, seed=0, device="cpu")
+    model.save(tmp_path / "ppo-Pendulum-v1.zip")
+    agent = Agent(AgentSource(algo="ppo", path=tmp_path / "ppo-Pendulum-v1.zip"), "Pendulum-v1")
+    observations = np.tile(np.array([[1.0, 0.0, 0.5]], dtype=np.float32), (6, 1))
+    first, second = agent.sample(observations), agent.sample(observations)
+    deterministic = agent.act(observations)
+    assert np.all(np.abs(first) < 2.0), "the noise should be small enough not to be clipped"
+    assert len(np.unique(first)) == 6 and len(np.unique(second)) == 6
+    assert not np.any(first == second) and not np.any(first == deterministic)

@@ -214,3 +214,14 @@ def test_algo_that_does_not_match_the_zip(agents, hub_cache, tmp_path, env_id, s
     assert_clean_failure(result, f"not of {algo}", "stable_baselines3.common.policies", "--algo ppo")
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, result.stderr
     assert list(tmp_path.iterdir()) == [], "nothing is written"
+
+
+@pytest.mark.parametrize("algo", ["dqn", "td3"])
+def test_sampled_needs_an_agent_with_a_stochastic_policy(hub_cache, tmp_path, algo):
+    result = run_script(
+        COLLECTOR,
+        ["--env-id", "CartPole-v1", "--policy", "sampled", "--algo", algo, "--output", tmp_path / "x.npz"],
+        offline_env(hub_cache),
+    )
+    assert_clean_failure(result, f"a {algo} agent has none", "--policy noisy")
+    assert not (tmp_path / "x.npz").exists()

@@ -484,3 +484,55 @@ def test_matrix_builds_the_missing_datasets_with_their_commands(cartpole_dataset
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.startswith("error: building CartPole-v1/other failed: ")
     assert "NoSuchEnv-v0" in error and error.count("\n") == 1
+
+
+def write_coverage_run(coverage, dataset, algorithm, seed, score):
+    folder = coverage / f"Hopper-v5__{dataset}__{algorithm}__{seed}"
+    folder.mkdir(parents=True)
+    summary = {"final_normalized_score": score, "evaluations": [{"step": 100, "normalized_score": score}]}
+    if algorithm == "10%BC":
+        summary |= {"kept_episodes": 42, "kept_transitions": 41952, "kept_mean_return": 3679.4}
+    record = {"env_id": "Hopper-v5", "dataset": dataset, "algorithm": algorithm, "seed": seed, "commit": "abcdef0123"}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "run.json").write_text(json.dumps(record | {"wall_time_s": 360.0}))
+
+
+def test_coverage_section_scores_each_dataset_kind_and_checks_the_claim(tmp_path):
+    coverage, readme = tmp_path / "coverage", tmp_path / "README.md"
+    scores = {"TD3+BC": (100.0, 102.0, 104.0), "BC": (30.0, 33.0, 36.0), "10%BC": (90.0, 90.0, 90.0)}
+    for seed_index, seed in enumerate((4, 5, 6)):
+        for label, values in scores.items():
+            write_coverage_run(coverage, "ppo-tqc-sampled", label, seed, values[seed_index])
+            write_coverage_run(coverage, "ppo-tqc", label, seed, 50.0 if label == "TD3+BC" else values[seed_index])
+    readme.write_text(
+        "<!-- report:begin (made by results/make_report.py) -->\n<!-- report:end -->\nreading\n"
+        "<!-- coverage:begin (made by results/make_report.py) -->\nold\n<!-- coverage:end -->\nend\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            REPORT,
+            "--matrix",
+            tmp_path / "none",
+            "--coverage",
+            coverage,
+            "--readme",
+            readme,
+            "--figures",
+            tmp_path / "figs",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    text = readme.read_text()
+    assert "\nold\n" not in text and text.endswith("<!-- coverage:end -->\nend\n")
+    # the columns TD3+BC, BC, 10%BC, IQL (no IQL run: a dash); a constant cell has a zero-width interval
+    assert "| ppo-tqc-sampled | – | 102.0 [100.0, 104.0] | 33.0 [30.0, 36.0] | 90.0 [90.0, 90.0] | – |" in text
+    assert (
+        "| the best offline method beats BC outside the 95% intervals on Hopper-v5 ppo-tqc-sampled | "
+        "TD3+BC 102.0 [100.0, 104.0] vs BC 33.0 [30.0, 36.0]; 10%BC 90.0 [90.0, 90.0] | holds |" in text
+    )
+    assert "on Hopper-v5 ppo-tqc | TD3+BC 50.0 [50.0, 50.0] vs BC 33.0 [30.0, 36.0]" in text
+    assert "ppo-tqc: 42 episodes, 41,952 transitions, mean return 3679" in text
+    assert (tmp_path / "figs" / "coverage.png").stat().st_size > 10_000 and "(figs/coverage.png)" in text
