@@ -306,7 +306,7 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     if not Path(path).is_file():
         env_id, policy = Path(path).parent.name or "<env id>", Path(path).stem
         how = f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
-        how = how if policy in ("expert", "noisy", "random") else "the commands in results/README.md"
+        how = how if policy in ("expert", "noisy", "sampled", "random") else "the commands in results/README.md"
         fail(f"dataset {path} does not exist. Build it with:  {how}")
     try:
         with np.load(path, allow_pickle=False) as file:
