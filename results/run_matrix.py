@@ -510,7 +510,8 @@ def main(args: Args) -> None:
     if args.address is not None and args.backend != "ray":
         fail("--address names a Ray cluster: give it with --backend ray")
     deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
-    select_grid(args.grid)
+    if args.grid != "matrix":  # the matrix is what MATRIX, SEEDS and MATRIX_DIR already hold
+        select_grid(args.grid)
     runs = [run for run in all_runs() if not args.only or any(part in run.key for part in args.only)]
     describe_datasets(all_runs())
     if args.list:

@@ -536,3 +536,19 @@ def test_coverage_section_scores_each_dataset_kind_and_checks_the_claim(tmp_path
     assert "on Hopper-v5 ppo-tqc | TD3+BC 50.0 [50.0, 50.0] vs BC 33.0 [30.0, 36.0]" in text
     assert "ppo-tqc: 42 episodes, 41,952 transitions, mean return 3679" in text
     assert (tmp_path / "figs" / "coverage.png").stat().st_size > 10_000 and "(figs/coverage.png)" in text
+
+
+def test_coverage_grid_has_its_own_seeds_records_and_filtered_bc():
+    result = subprocess.run(
+        [sys.executable, RUN_MATRIX, "--grid", "coverage", "--list"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    keys = [line.split()[1] for line in result.stdout.splitlines()[:-1]]
+    assert len(keys) == 24 and result.stdout.splitlines()[-1].endswith("of 24 done")
+    assert {key.split("__")[1] for key in keys} == {"ppo-tqc", "ppo-tqc-sampled"}
+    assert {key.split("__")[2] for key in keys} == {"TD3+BC", "BC", "10%BC", "IQL"}
+    assert {key.split("__")[3] for key in keys} == {"4", "5", "6"}  # never the matrix's seeds 1-3
+    assert (
+        "python algorithms/bc.py --dataset datasets/Hopper-v5/ppo-tqc-sampled.npz --seed 6 --threads 1 "
+        "--top-fraction 0.1 --exp-name bc_top10" in result.stdout
+    )
