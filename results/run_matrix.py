@@ -80,6 +80,21 @@ DATASET_COMMANDS = {
     ("BipedalWalker-v3", "random"): f"{COLLECT} --env-id BipedalWalker-v3 --policy random",
     ("BipedalWalker-v3", "noisy"): f"{COLLECT} --env-id BipedalWalker-v3 --policy noisy",
     ("BipedalWalker-v3", "expert"): f"{COLLECT} --env-id BipedalWalker-v3 --policy expert",
+    # Mixes of a weaker and a stronger agent, each sampling from its policy, as D4RL recorded its data.
+    ("Hopper-v5", "medium-sampled"): f"{COLLECT} --env-id Hopper-v5 --policy sampled --algo sac "
+    "--output datasets/Hopper-v5/medium-sampled.npz",
+    ("Hopper-v5", "expert-sampled"): f"{COLLECT} --env-id Hopper-v5 --policy sampled "
+    "--output datasets/Hopper-v5/expert-sampled.npz",
+    ("Hopper-v5", "medium-expert-sampled"): "python data_collection/mix_datasets.py "
+    "datasets/Hopper-v5/medium-sampled.npz datasets/Hopper-v5/expert-sampled.npz "
+    "--output datasets/Hopper-v5/medium-expert-sampled.npz",
+    ("BipedalWalker-v3", "ppo-sampled"): f"{COLLECT} --env-id BipedalWalker-v3 --policy sampled --algo ppo "
+    "--output datasets/BipedalWalker-v3/ppo-sampled.npz",
+    ("BipedalWalker-v3", "expert-sampled"): f"{COLLECT} --env-id BipedalWalker-v3 --policy sampled "
+    "--output datasets/BipedalWalker-v3/expert-sampled.npz",
+    ("BipedalWalker-v3", "ppo-a2c-sampled"): "python data_collection/mix_datasets.py "
+    "datasets/BipedalWalker-v3/ppo-sampled.npz datasets/BipedalWalker-v3/expert-sampled.npz "
+    "--output datasets/BipedalWalker-v3/ppo-a2c-sampled.npz",
 }
 # The coverage study's data: sb3/ppo-Hopper-v3 and sb3/tqc-Hopper-v3, each acting deterministically or sampling
 # from its policy, with a collection seed that is not the matrix's.
@@ -98,6 +113,11 @@ DATASET_COMMANDS |= {
 }
 DATASET_INPUTS = {
     ("Hopper-v5", "medium-expert"): (("Hopper-v5", "medium"), ("Hopper-v5", "expert")),
+    ("Hopper-v5", "medium-expert-sampled"): (("Hopper-v5", "medium-sampled"), ("Hopper-v5", "expert-sampled")),
+    ("BipedalWalker-v3", "ppo-a2c-sampled"): (
+        ("BipedalWalker-v3", "ppo-sampled"),
+        ("BipedalWalker-v3", "expert-sampled"),
+    ),
     ("Hopper-v5", "ppo-tqc"): (("Hopper-v5", "ppo-s10"), ("Hopper-v5", "tqc-s10")),
     ("Hopper-v5", "ppo-tqc-sampled"): (("Hopper-v5", "ppo-sampled-s10"), ("Hopper-v5", "tqc-sampled-s10")),
 }
@@ -138,8 +158,16 @@ class EnvRows:
 
 MATRIX = (
     EnvRows("LunarLander-v3", ("random", "medium", "noisy", "expert"), (CQL_DQN, BCQ_DISCRETE, IQL, DQN, BC)),
-    EnvRows("Hopper-v5", ("random", "medium", "expert", "medium-expert"), (CQL_SAC, BCQ, TD3_BC, IQL, SAC, BC)),
-    EnvRows("BipedalWalker-v3", ("random", "noisy", "expert"), (BCQ, CQL_SAC, TD3_BC, IQL, SAC, BC)),
+    EnvRows(
+        "Hopper-v5",
+        ("random", "medium", "expert", "medium-expert", "medium-expert-sampled"),
+        (CQL_SAC, BCQ, TD3_BC, IQL, SAC, BC, BC_TOP10),
+    ),
+    EnvRows(
+        "BipedalWalker-v3",
+        ("random", "noisy", "expert", "ppo-a2c-sampled"),
+        (BCQ, CQL_SAC, TD3_BC, IQL, SAC, BC, BC_TOP10),
+    ),
 )
 SEEDS = (1, 2, 3)
 COVERAGE = (EnvRows("Hopper-v5", ("ppo-tqc", "ppo-tqc-sampled"), (TD3_BC, BC, BC_TOP10, IQL)),)
@@ -328,22 +356,30 @@ def export_scalars(run_dir: Path, output: Path, max_points: int) -> None:
 
 
 def describe_datasets(runs: list[Run]) -> None:
-    """Keep results/matrix/datasets.md: the table of data_collection/describe_datasets.py for the matrix's datasets.
+    """Keep <records>/datasets.md: the table of data_collection/describe_datasets.py for the runs' datasets.
 
-    A checkout that holds only some of the datasets (built again to finish the last runs) leaves an existing table
-    as it is: rewriting it would drop the rows of the datasets that the committed runs used."""
+    The rows of the datasets present are made again from the files; a dataset that is not here (a checkout that
+    built only the datasets of the runs it still had to do) keeps its row of the committed table."""
     wanted = list(dict.fromkeys(run.dataset_path for run in runs))
     paths = [path for path in wanted if (ROOT / path).exists()]
     output = MATRIX_DIR / "datasets.md"
-    if not paths or (len(paths) < len(wanted) and output.exists()):
+    if not paths:
         return
     table = subprocess.run(
         [sys.executable, DESCRIBE_DATASETS, *paths], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    ).stdout.splitlines()
+    header, rows = table[:2], dict(zip(paths, table[2:]))
+    for line in output.read_text().splitlines() if output.exists() else []:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        path = f"datasets/{cells[1]}/{cells[0].strip('`')}" if line.startswith("| `") and len(cells) > 1 else None
+        if path in wanted and path not in rows:
+            rows[path] = line
+    kept = [path for path in wanted if path in rows]
     MATRIX_DIR.mkdir(parents=True, exist_ok=True)
     output.write_text(
-        f"<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py "
-        f"{' '.join(paths)} -->\n{table}"
+        f"<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py {' '.join(kept)} -->\n"
+        + "\n".join([*header, *(rows[path] for path in kept)])
+        + "\n"
     )
 
 

@@ -138,7 +138,7 @@ def test_scalars_csv_keeps_at_most_max_points_per_tag_and_the_last_step(tmp_path
     assert evaluations == [("5000", "50"), ("10000", "100")]
 
 
-def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkeypatch):
+def test_datasets_table_keeps_the_rows_of_the_datasets_that_are_missing(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from conftest import cartpole_controller, write_scripted_dataset
@@ -148,20 +148,26 @@ def test_datasets_table_is_kept_while_some_datasets_are_missing(tmp_path, monkey
     monkeypatch.setattr(run_matrix, "MATRIX_DIR", tmp_path / "matrix")
     (tmp_path / "matrix").mkdir()
     table = tmp_path / "matrix" / "datasets.md"
-    table.write_text(DATASETS_MD)
-    (tmp_path / "datasets").mkdir()
-    write_scripted_dataset(tmp_path / "datasets" / "a.npz", "CartPole-v1", cartpole_controller, 0.0, 300)
-    runs = [SimpleNamespace(dataset_path="datasets/a.npz"), SimpleNamespace(dataset_path="datasets/b.npz")]
-
-    run_matrix.describe_datasets(runs)  # b.npz not built here: the committed table keeps both rows
-    assert table.read_text() == DATASETS_MD
-
-    run_matrix.describe_datasets(runs[:1])  # every dataset here: the table is made again from the files
-    rows = [line for line in table.read_text().splitlines() if line.startswith("| `")]
-    assert len(rows) == 1 and "`a.npz` | CartPole-v1 | scripted" in rows[0] and "| 300 |" in rows[0]
-    assert table.read_text().startswith(
-        "<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py datasets/a.npz -->"
+    header = DATASETS_MD.splitlines()[1:3]
+    old_a = "| `a.npz` | CartPole-v1 | scripted | - | 1 | 1 | 1.0 ± 0.0 | n/a | 1.0 | 1.0 | - |"
+    old_b = "| `b.npz` | CartPole-v1 | scripted | - | 2 | 2 | 2.0 ± 0.0 | n/a | 2.0 | 2.0 | - |"
+    old_c = "| `c.npz` | CartPole-v1 | scripted | - | 3 | 3 | 3.0 ± 0.0 | n/a | 3.0 | 3.0 | - |"
+    table.write_text("\n".join(["<!-- made by hand -->", *header, old_a, old_b, old_c]) + "\n")
+    (tmp_path / "datasets" / "CartPole-v1").mkdir(parents=True)
+    write_scripted_dataset(
+        tmp_path / "datasets" / "CartPole-v1" / "a.npz", "CartPole-v1", cartpole_controller, 0.0, 300
     )
+    runs = [SimpleNamespace(dataset_path=f"datasets/CartPole-v1/{name}.npz") for name in ("b", "a")]
+
+    # a.npz is here: its row is made again from the file; b.npz is not: its row is kept; c.npz is no run's: dropped
+    run_matrix.describe_datasets(runs)
+    lines = table.read_text().splitlines()
+    assert lines[0] == (
+        "<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py "
+        "datasets/CartPole-v1/b.npz datasets/CartPole-v1/a.npz -->"
+    )
+    assert lines[1:3] == header and lines[3] == old_b and len(lines) == 5
+    assert lines[4].startswith("| `a.npz` | CartPole-v1 | scripted |") and "| 300 |" in lines[4]
 
 
 def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_path, monkeypatch):
@@ -314,7 +320,7 @@ def write_hopper_runs(matrix: Path) -> None:
     """Every Hopper dataset and seed for BC, TD3+BC, CQL and SAC: TD3+BC scores well above BC on medium-expert,
     CQL ends below its real return, SAC above it."""
     base = {"BC": 50.0, "TD3+BC": 80.0, "CQL": 60.0, "SAC": 5.0}
-    for dataset_index, dataset in enumerate(("random", "medium", "expert", "medium-expert")):
+    for dataset_index, dataset in enumerate(("random", "medium", "expert", "medium-expert", "medium-expert-sampled")):
         for label, score in base.items():
             for seed in (1, 2, 3):
                 final = score + dataset_index + seed
@@ -365,10 +371,10 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
     )
     assert result.returncode == 0, result.stderr
     text = readme.read_text()
-    # TD3+BC's 12 scores are 81..86 (seed + dataset), so its IQM is the mean of the middle six (83, 83, 83, 84, 84,
-    # 84); every one of its runs beats every run of BC (51..56), so P(TD3+BC > BC) is 1 with an interval of [1, 1].
+    # TD3+BC's 15 scores are 81..87 (seed + dataset), so its IQM is the mean of the middle nine (83, 83, 83, 84, 84,
+    # 84, 85, 85, 85); every run of it beats every run of BC (51..57), so P(TD3+BC > BC) is 1 in [1, 1].
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| Hopper-v5 | ")}
-    assert rows["TD3+BC"].startswith("| Hopper-v5 | TD3+BC | 83.5 [") and rows["TD3+BC"].endswith(
+    assert rows["TD3+BC"].startswith("| Hopper-v5 | TD3+BC | 84.0 [") and rows["TD3+BC"].endswith(
         "| 1.00 [1.00, 1.00] |"
     )
     assert rows["BC"].endswith("| – |") and rows["SAC"].endswith("| 0.00 [0.00, 0.00] |")
@@ -385,13 +391,18 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
     assert text.count("**fails**") == 1
     # each run climbs from half its final score to its final score (base + dataset index + seed), so on random the
     # three seeds gain half of base + 1, + 2, + 3: far above twice their standard error. SAC falls from 40 to
-    # 5 + seed. (Columns: CQL, BCQ, TD3+BC, IQL, SAC, BC.)
-    assert "| random | **+31.0 climbing** | – | **+41.0 climbing** | – | -33.0 | **+26.0 climbing** |" in text
+    # 5 + seed. (Columns: CQL, BCQ, TD3+BC, IQL, SAC, BC, 10%BC.)
+    assert "| random | **+31.0 climbing** | – | **+41.0 climbing** | – | -33.0 | **+26.0 climbing** | – |" in text
     assert (
         "| the best offline method beats BC outside the 95% intervals on Hopper-v5 medium-expert | TD3+BC 85.0 ["
         in text
     )
     assert "| the best offline method beats BC on BipedalWalker-v3 noisy | not every seed has run | – |" in text
+    assert (
+        "| the best offline method beats BC outside the 95% intervals on Hopper-v5 medium-expert-sampled | "
+        "TD3+BC 86.0 [85.0, 87.0] vs BC 56.0 [55.0, 57.0] | holds |" in text
+    )
+    assert "| the best offline method beats BC on BipedalWalker-v3 ppo-a2c-sampled | not every seed has run |" in text
     assert "population std" in text
     assert "evaluation), on Test CPU (a faster CPU moves a line to the left)" in text
     for name in ("performance_profiles.png", "compute.png"):
