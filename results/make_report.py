@@ -238,15 +238,25 @@ def seed_bootstrap() -> None:
     np.random.seed(0)
 
 
-def final_scores(runs, env, label: str) -> Optional[np.ndarray]:
-    """[seeds, datasets] final normalised scores of one algorithm on an env, or None unless every dataset has
-    every seed: the stratified bootstrap resamples seeds within each dataset."""
-    cells = [
-        [run["summary"]["final_normalized_score"] for run in runs.get((env.env_id, dataset, label), [])]
+def complete_datasets(runs, env) -> list[str]:
+    """The env's datasets on which every algorithm that has run on the env has all its seeds: the aggregates compare
+    methods on the same datasets while new cells of the matrix are still running."""
+    started = [a.label for a in env.algorithms if any(runs.get((env.env_id, d, a.label)) for d in env.datasets)]
+    return [
+        dataset
         for dataset in env.datasets
+        if all(
+            len(cell := runs.get((env.env_id, dataset, label), [])) == len(SEEDS)
+            and None not in [run["summary"]["final_normalized_score"] for run in cell]
+            for label in started
+        )
     ]
-    if any(len(cell) != len(SEEDS) or None in cell for cell in cells):
-        return None
+
+
+def final_scores(runs, env, label: str, datasets: list[str]) -> np.ndarray:
+    """[seeds, datasets] final normalised scores of one algorithm on the given datasets (every seed has run on
+    them: the stratified bootstrap resamples seeds within each dataset)."""
+    cells = [[run["summary"]["final_normalized_score"] for run in runs[env.env_id, d, label]] for d in datasets]
     return np.array(cells, dtype=float).T
 
 
@@ -265,21 +275,28 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
         f"Interquartile mean (IQM) of the final normalised scores over each env's datasets and {len(SEEDS)} "
         f"seeds, with 95% stratified-bootstrap confidence intervals ({BOOTSTRAP_REPS:,} resamples of the seeds "
         "within each dataset); P(X > BC) is the probability that a run of the method on a dataset scores "
-        "above a run of BC on it, with its 95% interval. Only algorithms with every dataset and seed done "
-        "are counted.",
+        "above a run of BC on it, with its 95% interval. An env's datasets are counted once every algorithm "
+        "that has run on the env has all its seeds there.",
         "",
         "| env | algorithm | IQM | mean | P(X > BC) |",
         "|---|---|---|---|---|",
     ]
-    profiles = []
+    profiles, counted = [], []
     for env in MATRIX:
+        datasets = complete_datasets(runs, env)
+        started = {label for (env_id, _, label) in runs if env_id == env.env_id}
         scores = {
-            algorithm.label: matrix
+            algorithm.label: final_scores(runs, env, algorithm.label, datasets)
             for algorithm in env.algorithms
-            if (matrix := final_scores(runs, env, algorithm.label)) is not None
+            if algorithm.label in started
         }
-        if not scores:
+        if not datasets or not scores:
             continue
+        left = [dataset for dataset in env.datasets if dataset not in datasets]
+        counted.append(
+            f"{env.env_id}: {', '.join(datasets)}"
+            + (f" (not yet {', '.join(left)}, where not every algorithm and seed has run)" if left else "")
+        )
         aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
         seed_bootstrap()
         points, cis = rly.get_interval_estimates(scores, aggregate, reps=BOOTSTRAP_REPS)
@@ -294,7 +311,12 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
             )
         profiles.append((env, scores))
     if not profiles:
-        return ["### Aggregate scores (rliable)", "", "No env has every dataset and seed of an algorithm done yet.", ""]
+        return [
+            "### Aggregate scores (rliable)",
+            "",
+            "No env has a dataset where every algorithm has all its seeds yet.",
+            "",
+        ]
     figure, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.4), squeeze=False)
     for axis, (env, scores) in zip(axes[0], profiles):
         taus = np.linspace(min(0.0, min(m.min() for m in scores.values())), max(m.max() for m in scores.values()), 81)
@@ -309,7 +331,8 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
     axes[0][0].set_ylabel("fraction of runs\nscoring above τ")
     path = figures / "performance_profiles.png"
     save_with_legend(figure, axes[0], path)
-    return [*lines, "", f"![performance profiles]({path.relative_to(readme_dir)})", ""]
+    datasets_line = f"Datasets counted: {'; '.join(counted)}."
+    return [*lines, "", datasets_line, "", f"![performance profiles]({path.relative_to(readme_dir)})", ""]
 
 
 def evaluation_minutes(run: dict) -> np.ndarray:

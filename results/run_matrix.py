@@ -356,11 +356,16 @@ def export_scalars(run_dir: Path, output: Path, max_points: int) -> None:
 
 
 def describe_datasets(runs: list[Run]) -> None:
-    """Keep <records>/datasets.md: the table of data_collection/describe_datasets.py for the runs' datasets.
+    """Keep <records>/datasets.md: the table of data_collection/describe_datasets.py for the runs' datasets and the
+    datasets their mixes are made of.
 
     The rows of the datasets present are made again from the files; a dataset that is not here (a checkout that
     built only the datasets of the runs it still had to do) keeps its row of the committed table."""
-    wanted = list(dict.fromkeys(run.dataset_path for run in runs))
+    wanted = []
+    for run in runs:  # a mix follows the datasets it is made of
+        pairs = [*DATASET_INPUTS.get((run.env.env_id, run.dataset), ()), (run.env.env_id, run.dataset)]
+        wanted += [f"datasets/{env_id}/{dataset}.npz" for env_id, dataset in pairs]
+    wanted = list(dict.fromkeys(wanted))
     paths = [path for path in wanted if (ROOT / path).exists()]
     output = MATRIX_DIR / "datasets.md"
     if not paths:

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,28 +147,31 @@ def test_datasets_table_keeps_the_rows_of_the_datasets_that_are_missing(tmp_path
     run_matrix = load_run_matrix()
     monkeypatch.setattr(run_matrix, "ROOT", tmp_path)
     monkeypatch.setattr(run_matrix, "MATRIX_DIR", tmp_path / "matrix")
+    monkeypatch.setattr(run_matrix, "DATASET_INPUTS", {("CartPole-v1", "a"): (("CartPole-v1", "c"),)})
     (tmp_path / "matrix").mkdir()
     table = tmp_path / "matrix" / "datasets.md"
     header = DATASETS_MD.splitlines()[1:3]
-    old_a = "| `a.npz` | CartPole-v1 | scripted | - | 1 | 1 | 1.0 ± 0.0 | n/a | 1.0 | 1.0 | - |"
-    old_b = "| `b.npz` | CartPole-v1 | scripted | - | 2 | 2 | 2.0 ± 0.0 | n/a | 2.0 | 2.0 | - |"
-    old_c = "| `c.npz` | CartPole-v1 | scripted | - | 3 | 3 | 3.0 ± 0.0 | n/a | 3.0 | 3.0 | - |"
-    table.write_text("\n".join(["<!-- made by hand -->", *header, old_a, old_b, old_c]) + "\n")
+    old = {
+        name: f"| `{name}.npz` | CartPole-v1 | scripted | - | {i} | {i} | {i}.0 ± 0.0 | n/a | {i}.0 | {i}.0 | - |"
+        for i, name in enumerate("abcd", 1)
+    }
+    table.write_text("\n".join(["<!-- made by hand -->", *header, *old.values()]) + "\n")
     (tmp_path / "datasets" / "CartPole-v1").mkdir(parents=True)
     write_scripted_dataset(
         tmp_path / "datasets" / "CartPole-v1" / "a.npz", "CartPole-v1", cartpole_controller, 0.0, 300
     )
-    runs = [SimpleNamespace(dataset_path=f"datasets/CartPole-v1/{name}.npz") for name in ("b", "a")]
+    runs = [SimpleNamespace(env=SimpleNamespace(env_id="CartPole-v1"), dataset=name) for name in ("b", "a")]
 
-    # a.npz is here: its row is made again from the file; b.npz is not: its row is kept; c.npz is no run's: dropped
+    # a.npz is here: its row is made again from the file. b.npz (a run's) and c.npz (what a.npz is mixed from) are
+    # not: their rows are kept, c's before the mix. d.npz is no run's and no mix's: dropped.
     run_matrix.describe_datasets(runs)
     lines = table.read_text().splitlines()
     assert lines[0] == (
         "<!-- made by results/run_matrix.py: python data_collection/describe_datasets.py "
-        "datasets/CartPole-v1/b.npz datasets/CartPole-v1/a.npz -->"
+        "datasets/CartPole-v1/b.npz datasets/CartPole-v1/c.npz datasets/CartPole-v1/a.npz -->"
     )
-    assert lines[1:3] == header and lines[3] == old_b and len(lines) == 5
-    assert lines[4].startswith("| `a.npz` | CartPole-v1 | scripted |") and "| 300 |" in lines[4]
+    assert lines[1:3] == header and lines[3:5] == [old["b"], old["c"]] and len(lines) == 6
+    assert lines[5].startswith("| `a.npz` | CartPole-v1 | scripted |") and "| 300 |" in lines[5]
 
 
 def test_a_stopped_matrix_run_resumes_only_while_its_script_is_unchanged(tmp_path, monkeypatch):
@@ -363,6 +367,7 @@ def write_hopper_runs(matrix: Path) -> None:
 def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_path):
     matrix, readme = tmp_path / "matrix", tmp_path / "README.md"
     write_hopper_runs(matrix)
+    shutil.rmtree(matrix / "Hopper-v5__medium-expert-sampled__SAC__3")  # a cell still running: left out of the IQM
     readme.write_text("<!-- report:begin (made by results/make_report.py) -->\n<!-- report:end -->\n")
     result = subprocess.run(
         [sys.executable, REPORT, "--matrix", matrix, "--readme", readme, "--figures", tmp_path / "figs"],
@@ -371,10 +376,11 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
     )
     assert result.returncode == 0, result.stderr
     text = readme.read_text()
-    # TD3+BC's 15 scores are 81..87 (seed + dataset), so its IQM is the mean of the middle nine (83, 83, 83, 84, 84,
-    # 84, 85, 85, 85); every run of it beats every run of BC (51..57), so P(TD3+BC > BC) is 1 in [1, 1].
+    # SAC lacks a seed on medium-expert-sampled, so the aggregates count the first four datasets. TD3+BC's 12 scores
+    # there are 81..86 (seed + dataset), so its IQM is the mean of the middle six (83, 83, 83, 84, 84, 84); every
+    # run of it beats every run of BC (51..56), so P(TD3+BC > BC) is 1 in [1, 1].
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| Hopper-v5 | ")}
-    assert rows["TD3+BC"].startswith("| Hopper-v5 | TD3+BC | 84.0 [") and rows["TD3+BC"].endswith(
+    assert rows["TD3+BC"].startswith("| Hopper-v5 | TD3+BC | 83.5 [") and rows["TD3+BC"].endswith(
         "| 1.00 [1.00, 1.00] |"
     )
     assert rows["BC"].endswith("| – |") and rows["SAC"].endswith("| 0.00 [0.00, 0.00] |")
@@ -403,6 +409,10 @@ def test_report_aggregates_with_rliable_checks_the_claims_and_plots_compute(tmp_
         "TD3+BC 86.0 [85.0, 87.0] vs BC 56.0 [55.0, 57.0] | holds |" in text
     )
     assert "| the best offline method beats BC on BipedalWalker-v3 ppo-a2c-sampled | not every seed has run |" in text
+    assert (
+        "Datasets counted: Hopper-v5: random, medium, expert, medium-expert (not yet medium-expert-sampled, where "
+        "not every algorithm and seed has run)." in text
+    )
     assert "population std" in text
     assert "evaluation), on Test CPU (a faster CPU moves a line to the left)" in text
     for name in ("performance_profiles.png", "compute.png"):
