@@ -58,15 +58,15 @@ class Args:
     method: Literal["q", "bcq", "cql"] = "q"
     """q: Q-iteration on the data; bcq: the max and the policy only over the data's actions; cql: CQL's penalty"""
     init_q: float = 20.0
-    """x, the initial value of every Q-table entry (the homework's two cases: -1 and 20)"""
+    """x, the initial value of every Q-table entry (the two cases of the docstring's questions: -1 and 20)"""
     gamma: float = 1.0
-    """discount (1, as the homework says: returns are sums of rewards)"""
+    """discount (1: returns are sums of rewards)"""
     cql_alpha: float = 1.0
     """cql: weight of the penalty logsumexp_a Q(s, a) - Q(s, a_data)"""
     iterations: int = 2000
     """sweeps over the data: a Bellman backup of every data transition each (a gradient step for cql)"""
     data: Literal["paths", "noisy"] = "paths"
-    """paths: the homework's two behaviour paths; noisy: episodes of the main path's actions with random actions
+    """paths: the two behaviour paths of the docstring; noisy: episodes of the main path's actions with random actions
     (their loops pay a cell only on the first trip, which a Q-table of cells averages: take --gamma below 1)"""
     episodes: int = 20
     """noisy data: number of behaviour episodes"""

@@ -1,4 +1,4 @@
-"""algorithms/tabular_maze.py: the three backups by hand on a corridor, the homework's answers, bad flags."""
+"""algorithms/tabular_maze.py: the three backups by hand on a corridor, the two questions' answers, bad flags."""
 
 from __future__ import annotations
 
