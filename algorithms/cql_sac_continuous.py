@@ -23,6 +23,10 @@ mean and std (CORL's practice). The measurements behind each default are in resu
 ends at the line "run bookkeeping"; what follows it is the same in every script of algorithms/.
 """
 
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while the libraries load stops quietly; Run() takes over
+
 import contextlib
 import copy
 import io
@@ -31,7 +35,7 @@ import math
 import os
 import platform
 import random
-import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -569,10 +573,38 @@ def prepare_rendering(env_id: str) -> None:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary name, then rename: a crash while writing leaves the previous file whole."""
+    """Write to a temporary name, then rename: a crash or a full disk while writing leaves the previous file whole.
+    A file system that refuses (no space, no permission, too large a file) stops the run in one line."""
     temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        reason = getattr(error, "strerror", None) or error
+        fail(
+            f"cannot write {path}: {reason}. Free some space or make the folder writable; the files written before "
+            "are kept, and --resume continues from the last checkpoint"
+        )
+
+
+def lock_run_dir(run_dir: Path) -> Optional[int]:
+    """Hold an exclusive lock on the run folder while this process lives, so that a second process on the same
+    folder (two --resume of it) is refused instead of writing over the first. The lock is the kernel's (flock) and
+    goes with the process, a killed one too; it does not hold on Windows, nor across machines on some network file
+    systems."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        fail(f"{run_dir} is in use by another process (a run or a --resume of it); wait for it to end or stop it")
+    return descriptor
 
 
 def git_commit() -> Optional[str]:
@@ -623,20 +655,31 @@ def load_checkpoint(args: Args) -> tuple[Args, dict]:
     return saved, checkpoint
 
 
-stop_requested = False
+stop_requested = 0  # the signal that asked the run to stop after its current step (0: none)
+new_run_dir: Optional[Path] = None  # the folder this process made, until it holds a checkpoint
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, Slurm, Ray, Docker, Colab
 
 
 def stop_after_this_step(signum, frame) -> None:
-    """Ctrl-C: finish the update under way, so that the checkpoint holds a consistent state; a second one stops now."""
+    """Ctrl-C or SIGTERM: finish the update under way, so that the checkpoint holds a consistent state, then write
+    the checkpoint, summary.json, the model and the policy file, in that order; a second signal stops at once."""
     global stop_requested
-    stop_requested = True
-    print("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGINT, stop_at_once)
+    stop_requested = signum
+    print(f"{STOP_SIGNALS[signum]}: stopping after this step (a second one stops at once)", file=sys.stderr, flush=True)
+    for other in STOP_SIGNALS:
+        signal.signal(other, stop_at_once)
 
 
 def stop_at_once(signum, frame) -> None:
-    print("interrupted: stopped without saving; the last checkpoint, if any, is kept", file=sys.stderr)
-    os._exit(130)
+    """Stop now. A folder this process made that holds no checkpoint yet is removed: nothing is left half-made."""
+    if new_run_dir is not None and not (new_run_dir / "checkpoint.pt").exists():
+        shutil.rmtree(new_run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            new_run_dir.parent.rmdir()  # runs/ too, when it holds nothing else
+        print(f"{STOP_SIGNALS[signum]}: stopped before the first checkpoint; nothing was kept", file=sys.stderr)
+    else:
+        print(f"{STOP_SIGNALS[signum]}: stopped without saving; the last checkpoint, if any, is kept", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 class Run:
@@ -645,7 +688,8 @@ class Run:
     end_step() logs, evaluates and checkpoints; finish() writes the model, policy.pt2 and summary.json."""
 
     def __init__(self):
-        signal.signal(signal.SIGINT, stop_at_once)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, stop_at_once)
         args = tyro.cli(Args, description=__doc__)
         self.args, self.checkpoint = load_checkpoint(args) if args.resume else (args, None)
         validate_args(self.args)
@@ -673,6 +717,7 @@ class Run:
         self.deterministic, self.extra = deterministic, extra or {}
         name = f"{self.env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
         self.run_dir = Path(args.resume) if checkpoint else self.make_run_dir(name)
+        self.lock = lock_run_dir(self.run_dir)
         if args.track:
             try:
                 import wandb
@@ -706,18 +751,27 @@ class Run:
     @staticmethod
     def make_run_dir(name: str) -> Path:
         """A new folder runs/<name>: mkdir is atomic, so two runs started in the same second get a folder each."""
-        Path("runs").mkdir(exist_ok=True)
-        for attempt in range(1, 1000):
-            run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
-            with contextlib.suppress(FileExistsError):
-                run_dir.mkdir()
-                return run_dir
+        global new_run_dir
+        try:
+            Path("runs").mkdir(exist_ok=True)
+            for attempt in range(1, 1000):
+                run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
+                with contextlib.suppress(FileExistsError):
+                    run_dir.mkdir()
+                    new_run_dir = run_dir
+                    return run_dir
+        except OSError as error:  # runs/ is a file, or the folder is not writable
+            fail(
+                f"cannot make a run folder in {Path('runs').resolve()}: {error.strerror or error}; run from a "
+                "folder where you may write (runs/ goes there), or remove the file named runs"
+            )
         fail(f"runs/{name} and 998 suffixed folders exist already; choose another --exp-name")
 
     def steps(self):
-        """The gradient steps still to take, from 1 or after the checkpoint's; Ctrl-C ends them after a checkpoint."""
+        """The gradient steps still to take, from 1 or after the checkpoint's; Ctrl-C or SIGTERM ends them."""
         self.start_time, self.last_print = time.time() - self.wall_time, time.time()
-        signal.signal(signal.SIGINT, stop_after_this_step)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, stop_after_this_step)
         for step in range(self.step + 1, self.args.total_steps + 1):
             if stop_requested:
                 return
@@ -786,31 +840,13 @@ class Run:
         write_atomically(self.run_dir / "checkpoint.pt", lambda path: torch.save(checkpoint, path))
 
     def finish(self) -> None:
-        """Save the model, the policy file and summary.json; on Ctrl-C, exit 130 with the command that resumes."""
-        args, run_dir, step, space = self.args, self.run_dir, self.step, self.action_space
-        references = self.metadata.get("reference_returns")
+        """Save the model, the policy file and summary.json. Stopped by a signal: the checkpoint, summary.json, the
+        model and the policy file, in that order (what a kill after a short grace period loses least), then exit
+        130 (Ctrl-C) or 143 (SIGTERM) with the command that resumes."""
+        args, run_dir, step = self.args, self.run_dir, self.step
         if stop_requested and self.saved_step != step:
             self.save_checkpoint(step)
-        model_path, obs_dim = run_dir / f"{args.exp_name}.pt", self.data["observations"].shape[1]
-        if args.save_model:
-            write_atomically(model_path, lambda path: torch.save(self.model.state_dict(), path))
-            kind = (
-                dict(low=space.low.tolist(), high=space.high.tolist())
-                if hasattr(space, "low")
-                else dict(n=int(space.n))
-            )
-            info = dict(env_id=self.env_id, algorithm=args.exp_name, dataset=args.dataset, step=step)
-            info.update(observation_shape=[obs_dim], action_space=kind, reference_returns=references)
-            info.update(deterministic=self.deterministic, evaluation=dict(episodes=args.eval_episodes, seed=args.seed))
-            info["evaluation"]["gamma"] = args.gamma
-            # torch.export: a program that torch.export.load(path).module() runs without this file and without pickle.
-            acting = copy.deepcopy(self.acting).cpu().eval().requires_grad_(False)  # its actions convert to numpy
-            batch = {0: torch.export.Dim("batch")}
-            program = torch.export.export(acting, (torch.zeros(2, obs_dim),), dynamic_shapes=(batch,))
-            archive = io.BytesIO()
-            torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
-            write_atomically(run_dir / "policy.pt2", lambda path: path.write_bytes(archive.getvalue()))
-            print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
+        model_path = run_dir / f"{args.exp_name}.pt"
         final = self.evaluations[-1] if self.evaluations else {}
         status = "interrupted" if stop_requested else "finished"
         summary = dict(args=asdict(args), status=status, env_id=self.env_id, dataset=args.dataset, run_dir=str(run_dir))
@@ -822,20 +858,48 @@ class Run:
         summary.update(device=str(self.device), git_commit=git_commit())
         versions = dict(python=platform.python_version(), torch=torch.__version__, gymnasium=gym.__version__)
         summary["versions"] = dict(**versions, numpy=np.__version__)
-        write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
+        write_summary = lambda: write_atomically(  # noqa: E731
+            run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2))
+        )
+        if stop_requested:
+            write_summary()
+        if args.save_model:
+            write_atomically(model_path, lambda path: torch.save(self.model.state_dict(), path))
+            self.save_policy_file(step)
+            print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
+        if not stop_requested:
+            write_summary()
         self.writer.close()
         if stop_requested:
             print(
-                f"interrupted after step {step} of {args.total_steps}; continue with:  python {sys.argv[0]} "
-                f"--resume {run_dir}",
+                f"interrupted ({STOP_SIGNALS[stop_requested]}) after step {step} of {args.total_steps}; continue "
+                f"with:  python {sys.argv[0]} --resume {run_dir}",
                 file=sys.stderr,
             )
-            sys.exit(130)
+            sys.exit(128 + stop_requested)
         print(
             f"final return {final['mean_return']:.1f} ± {final['std_return']:.1f} over {args.eval_episodes} "
             f"episodes; {summary['updates_per_second']:.0f} updates/s, {self.wall_time:.0f} s.\nRun folder "
             f"{run_dir} (summary.json, TensorBoard events: tensorboard --logdir runs)"
         )
+
+    def save_policy_file(self, step: int) -> None:
+        """policy.pt2: the acting function as a torch.export program, which torch.export.load(path).module() runs
+        without this file and without pickle, and its env, action space and evaluation settings."""
+        args, space, obs_dim = self.args, self.action_space, self.data["observations"].shape[1]
+        kind = dict(low=space.low.tolist(), high=space.high.tolist()) if hasattr(space, "low") else dict(n=int(space.n))
+        info = dict(env_id=self.env_id, algorithm=args.exp_name, dataset=args.dataset, step=step)
+        info.update(
+            observation_shape=[obs_dim], action_space=kind, reference_returns=self.metadata.get("reference_returns")
+        )
+        info.update(deterministic=self.deterministic, evaluation=dict(episodes=args.eval_episodes, seed=args.seed))
+        info["evaluation"]["gamma"] = args.gamma
+        acting = copy.deepcopy(self.acting).cpu().eval().requires_grad_(False)  # its actions convert to numpy
+        batch = {0: torch.export.Dim("batch")}
+        program = torch.export.export(acting, (torch.zeros(2, obs_dim),), dynamic_shapes=(batch,))
+        archive = io.BytesIO()
+        torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
+        write_atomically(self.run_dir / "policy.pt2", lambda path: path.write_bytes(archive.getvalue()))
 
 
 # ---- end of run bookkeeping ----

@@ -314,6 +314,85 @@ def test_resume_refuses_other_flags_and_finished_runs(script, request, tmp_path)
     assert_clean_failure(run_algorithm(script, ["--resume", run_dir], cwd=tmp_path), "has finished")
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigterm_keeps_what_ctrl_c_keeps_in_the_order_that_loses_least(script, request, tmp_path):
+    process = start(script, dataset_of(script, request), tmp_path)
+    wait_for_checkpoint(process, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    result = finish(process)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr
+    assert "--resume runs/" in result.stderr.strip().splitlines()[-1]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    written = [run_dir / name for name in ("checkpoint.pt", "summary.json", f"{script}.pt", "policy.pt2")]
+    times = [path.stat().st_mtime_ns for path in written]
+    assert times == sorted(times), dict(zip((path.name for path in written), times))
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0, 2.0, 3.0, 5.0, 8.0])
+def test_ctrl_c_at_any_moment_leaves_nothing_or_a_folder_that_resumes(delay, pendulum_dataset, tmp_path):
+    process = start("td3_bc", pendulum_dataset, tmp_path)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    result = finish(process)
+    assert "Traceback" not in result.stderr and result.returncode in (0, 130, -signal.SIGINT), result.stderr
+    run_dirs = list((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else []
+    assert len(run_dirs) <= 1
+    if run_dirs:  # then it checkpointed: --resume goes on from there, and the summary says where it stopped
+        assert (run_dirs[0] / "checkpoint.pt").is_file() and (run_dirs[0] / "summary.json").is_file()
+    else:
+        assert_nothing_written(tmp_path)
+
+
+def test_a_second_process_on_a_run_folder_is_refused(pendulum_dataset, tmp_path):
+    long = ["--total-steps", 100_000, "--eval-freq", 100, "--eval-episodes", 2, "--seed", 5]
+    stopped = start("td3_bc", pendulum_dataset, tmp_path, flags=long)
+    wait_for_checkpoint(stopped, tmp_path)
+    stopped.send_signal(signal.SIGINT)
+    assert finish(stopped).returncode == 130
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    first = subprocess.Popen(
+        [sys.executable, str(ALGORITHMS / "td3_bc.py"), "--resume", str(run_dir)],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert "run folder" in first.stdout.readline()  # begin() has taken the folder
+    second = run_algorithm("td3_bc", ["--resume", run_dir], cwd=tmp_path)
+    assert_clean_failure(second, "is in use by another process", returncode=2)
+    first.send_signal(signal.SIGINT)  # the first goes on untouched, and stops as a run stops
+    assert finish(first).returncode == 130
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("script", ["bc", "iql"])
+def test_a_file_system_that_says_no_is_one_line(script, request, tmp_path):
+    (tmp_path / "runs").write_text("a file where the run folders go")
+    result = run_algorithm(script, ["--dataset", dataset_of(script, request), *TINY], cwd=tmp_path)
+    assert_clean_failure(result, "cannot make a run folder", returncode=2)
+    assert (tmp_path / "runs").read_text() == "a file where the run folders go"
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_what_was_written(pendulum_dataset, tmp_path):
+    import resource
+
+    def small_files():  # a file may not grow past 60 kB, as on a disk that is full; EFBIG instead of SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    result = subprocess.run(
+        command("td3_bc", pendulum_dataset, flags=TINY),
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        preexec_fn=small_files,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert_clean_failure(result, "cannot write runs/", returncode=2)
+    assert not list((tmp_path / "runs").rglob(".*.tmp"))
+
+
 # --------------------------------------------------------------------------------------------- run folders
 @pytest.mark.parametrize("script", ["bc", "iql", "cql_discrete_lunarlander"])
 def test_runs_started_together_get_a_folder_each(script, request, tmp_path):
