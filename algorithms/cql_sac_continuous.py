@@ -23,6 +23,10 @@ mean and std (CORL's practice). The measurements behind each default are in resu
 ends at the line "run bookkeeping"; what follows it is the same in every script of algorithms/.
 """
 
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while the libraries load stops quietly; Run() takes over
+
 import contextlib
 import copy
 import io
@@ -31,7 +35,7 @@ import math
 import os
 import platform
 import random
-import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -107,14 +111,18 @@ def check_flags(args: "Args") -> None:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("bc_steps", "cql_alpha"):  # no behaviour cloning, and plain SAC, are meaningful settings
         if not 0 <= getattr(args, name) < math.inf:
-            fail(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')} must be a finite number at least 0, got {getattr(args, name)}")
     for name in ("actor_lr", "critic_lr", "alpha_lr", "bc_actor_lr"):
         if not 0.0 < getattr(args, name) < math.inf:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')} must be a positive finite number, got {getattr(args, name)}")
     if not 0.0 < args.tau <= 1.0:
         fail(f"--tau must be in (0, 1], got {args.tau}")
     if not 0.0 <= args.gamma <= 1.0:
         fail(f"--gamma must be in [0, 1], got {args.gamma}")
+    if not 0.0 <= args.target_action_gap < math.inf:
+        fail(f"--target-action-gap must be a finite number at least 0, got {args.target_action_gap}")
+    if args.target_entropy is not None and not math.isfinite(args.target_entropy):
+        fail(f"--target-entropy must be a finite number, got {args.target_entropy}")
     if args.cql_states > args.batch_size:
         fail(f"--cql-states must be at most --batch-size {args.batch_size}, got {args.cql_states}")
 
@@ -365,9 +373,33 @@ class Args(AlgorithmArgs):
 
 
 def fail(message: str) -> NoReturn:
-    """Stop with one line on stderr and exit status 2, without a traceback."""
+    """Stop with one line on stderr and exit status 2, without a traceback; a run folder this process made is removed
+    while it holds no checkpoint, so that what is left is nothing or a folder that --resume continues."""
     print(f"error: {message}", file=sys.stderr)
+    discard_new_run_dir()
     sys.exit(2)
+
+
+def read_flags(argv: Optional[list[str]] = None) -> tuple[Args, Optional[dict]]:
+    """The checked flags (with --resume: those of the run, and its checkpoint). tyro's error box becomes one line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = tyro.cli(Args, args=argv, description=__doc__)
+    except SystemExit as stop:
+        if stop.code:
+            lines = [line.strip("│╭╮╰╯─ ") for line in captured.getvalue().splitlines()] + [""]
+            message = " ".join(lines[1 : lines.index("", 1)]).rstrip(".") or "the flags could not be read"
+            for python_words, kind in (
+                ("invalid literal for int() with base 10", "a whole number"),
+                ("could not convert string to float", "a number"),
+            ):
+                message = message.replace(f": {python_words}: ", f" takes {kind}, got ").replace("Error parsing ", "")
+            fail(f"{message}; see --help")
+        raise
+    args, checkpoint = load_checkpoint(args) if args.resume else (args, None)
+    validate_args(args)
+    return args, checkpoint
 
 
 def validate_args(args: Args) -> None:
@@ -376,7 +408,7 @@ def validate_args(args: Args) -> None:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.seed < 0:
-        fail(f"--seed must be at least 0, got {args.seed}")
+        fail(f"--seed must be a finite number at least 0, got {args.seed}")
     if ACTION_KIND == "discrete" and args.clip_actions:
         fail("--clip-actions applies to Box actions; this script takes discrete actions only: drop it")
     check_flags(args)
@@ -385,6 +417,10 @@ def validate_args(args: Args) -> None:
 def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
     """DATASET_KEYS as tensors on the device (a batch is one torch.randint and an index), and the metadata with the
     file's episode_returns (optional). Whatever is wrong with the file stops the run here, in one line."""
+    if Path(path).is_dir():
+        names = sorted(file.name for file in Path(path).glob("*.npz"))
+        inside = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") if names else "no .npz file"
+        fail(f"{path} is a folder; --dataset takes a dataset file (.npz). The folder holds: {inside}")
     if not Path(path).is_file():
         env_id, policy = Path(path).parent.name or "<env id>", Path(path).stem
         how = f"python data_collection/collect_dataset.py --env-id {env_id} --policy {policy} --output {path}"
@@ -419,6 +455,10 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
             f"{path}: the arrays' shapes {shapes} are not observations and next_observations [N, obs_dim], actions "
             "[N] or [N, action_dim], rewards and terminations [N], with N at least 1"
         )
+    if n < 2:
+        fail(f"{path} holds 1 transition; a script needs at least 2 (the observations' mean and spread need two)")
+    if problem := metadata_problem(metadata):
+        fail(f"{path}: {problem}. Make datasets with data_collection/collect_dataset.py")
     metadata["episode_returns"] = arrays.get("episode_returns", np.zeros(0))
     for key, values in [
         *((key, arrays[key]) for key in DATASET_KEYS),
@@ -437,12 +477,37 @@ def load_dataset(path: str, device: torch.device) -> tuple[dict[str, torch.Tenso
     return data, metadata
 
 
+def metadata_problem(metadata: dict) -> Optional[str]:
+    """What in the metadata fields the scripts read is of the wrong kind, or None."""
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
+    env_id, references, space = (metadata.get(key) for key in ("env_id", "reference_returns", "action_space"))
+    if env_id is not None and not (isinstance(env_id, str) and env_id):
+        return f"its env_id is {env_id!r}, not the name of an env"
+    if references is not None:
+        values = [references.get(key) for key in ("random", "expert")] if isinstance(references, dict) else [""]
+        if not all(value is None or (number(value) and math.isfinite(value)) for value in values):
+            return f"its reference_returns are {references!r}, not {{'random': number, 'expert': number}}"
+    if space is not None and not isinstance(space, dict):
+        return f"its action_space is {space!r}, not a JSON object"
+    if space and space.get("n") is not None and not (isinstance(space["n"], int) and space["n"] >= 1):
+        return f"its action_space has n = {space['n']!r}, not a number of actions"
+    for key in ("low", "high"):
+        if (
+            space
+            and space.get(key) is not None
+            and not (isinstance(space[key], list) and all(number(value) for value in space[key]))
+        ):
+            return f"its action_space's {key} is {space[key]!r}, not a list of numbers"
+    return None
+
+
 def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> tuple[str, gym.spaces.Space]:
     """The env to evaluate on and its action space, once the dataset is known to fit it; else one line and exit 2."""
     env_id = args.env_id or metadata.get("env_id") or fail(f"{args.dataset} does not name its env; give --env-id")
     if args.capture_video:
         prepare_rendering(env_id)
     try:
+        quiet_mujoco_deprecations(env_id)
         with gym.make(env_id) as probe_env:
             space, observation_shape = probe_env.action_space, probe_env.observation_space.shape
     except gym.error.Error as error:
@@ -468,7 +533,7 @@ def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> t
         return env_id, space
     data_low, data_high = (described.get(key, getattr(space, key).tolist()) for key in ("low", "high"))
     bounds, same_shapes = f"[{space.low.tolist()}, {space.high.tolist()}]", observation_shape == (obs_dim,)
-    same_shapes = same_shapes and space.shape == actions.shape[1:]
+    same_shapes = same_shapes and space.shape == actions.shape[1:] == np.shape(data_low) == np.shape(data_high)
     if not (same_shapes and np.allclose(data_low, space.low) and np.allclose(data_high, space.high)):
         fail(
             f"dataset and env do not match: {ours} actions of shape ({actions.shape[1]},) in [{data_low}, "
@@ -487,6 +552,20 @@ def validate_env(args: Args, data: dict[str, torch.Tensor], metadata: dict) -> t
     return env_id, space
 
 
+def quiet_mujoco_deprecations(env_id: str) -> None:
+    """MuJoCo warns, on stderr and in a MUJOCO_LOG.TXT in the current folder, about attributes of gymnasium's own
+    models (HalfCheetah's settotalmass) each time one is made: not the user's to fix. Its other warnings still print."""
+    if "mujoco" not in str(gym.spec(env_id).entry_point):
+        return
+    import mujoco
+
+    def warn(message: str) -> None:
+        if "is deprecated" not in message:
+            print(f"MuJoCo warning: {message}", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(warn)
+
+
 def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Env units [low, high] -> [-1, 1]."""
     return 2.0 * (actions - low) / (high - low) - 1.0
@@ -495,6 +574,16 @@ def normalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tens
 def unnormalize_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> env units [low, high]."""
     return low + 0.5 * (actions + 1.0) * (high - low)
+
+
+def return_range(rewards: torch.Tensor, gamma: float) -> tuple[float, float]:
+    """The smallest and the largest discounted return the rewards allow: the lowest (highest) reward at every step for
+    ever, min (max) reward / (1 - gamma), or 0 where an episode ends at once. No script here backs up an entropy bonus
+    (CQL-SAC's backup is deterministic), so the rewards alone bound what a critic may estimate."""
+    low, high = min(float(rewards.min()), 0.0), max(float(rewards.max()), 0.0)
+    if gamma >= 1.0:
+        return -math.inf if low < 0 else 0.0, math.inf if high > 0 else 0.0
+    return low / (1.0 - gamma), high / (1.0 - gamma)
 
 
 def sample(data: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
@@ -540,8 +629,8 @@ def evaluate(acting, q_initial, env_id, episodes, seed, gamma, device, reference
     acting.train(was_training)
     mean_return = float(returns.mean())
     record = {"mean_return": mean_return, "std_return": float(returns.std()), "normalized_score": None}
-    if references and references.get("expert") is not None:  # D4RL's: 0 a uniform random policy, 100 the expert
-        low, high = references["random"], references["expert"]
+    low, high = (references or {}).get("random"), (references or {}).get("expert")
+    if low is not None and high is not None and low != high:  # D4RL's: 0 a uniform random policy, 100 the expert
         record["normalized_score"] = 100.0 * (mean_return - low) / (high - low)
     if q_initial is not None:
         record["q_initial"] = float(first_q.mean())
@@ -569,10 +658,38 @@ def prepare_rendering(env_id: str) -> None:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary name, then rename: a crash while writing leaves the previous file whole."""
+    """Write to a temporary name, then rename: a crash or a full disk while writing leaves the previous file whole.
+    A file system that refuses (no space, no permission, too large a file) stops the run in one line."""
     temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        reason = getattr(error, "strerror", None) or error
+        fail(
+            f"cannot write {path}: {reason}. Free some space or make the folder writable; the files written before "
+            "are kept, and --resume continues from the last checkpoint"
+        )
+
+
+def lock_run_dir(run_dir: Path) -> Optional[int]:
+    """Hold an exclusive lock on the run folder while this process lives, so that a second process on the same
+    folder (two --resume of it) is refused instead of writing over the first. The lock is the kernel's (flock) and
+    goes with the process, a killed one too; it does not hold on Windows, nor across machines on some network file
+    systems."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        fail(f"{run_dir} is in use by another process (a run or a --resume of it); wait for it to end or stop it")
+    return descriptor
 
 
 def git_commit() -> Optional[str]:
@@ -615,28 +732,50 @@ def load_checkpoint(args: Args) -> tuple[Args, dict]:
         fail(f"{path} does not exist: --resume takes the run folder of a run that reached its first evaluation")
     try:
         checkpoint = torch.load(path, weights_only=True)
-        saved = Args(**{**checkpoint["args"], "resume": args.resume})
     except Exception as error:  # torch, pickle and zipfile each raise their own kind for a damaged file
-        fail(f"cannot read {path} ({type(error).__name__}); give the run folder of a run of {Path(__file__).name}")
-    if checkpoint["step"] >= saved.total_steps:
+        fail(f"cannot read {path} ({type(error).__name__}): it is damaged; start a new run, or resume another folder")
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    known = {field.name for field in fields(Args)}
+    if not (isinstance(saved, dict) and {"step", "state", "rng"} <= set(checkpoint) and set(saved) <= known):
+        fail(f"{args.resume} is not a run of {Path(__file__).name}: resume it with the script that made it")
+    saved = Args(**{**saved, "resume": args.resume})
+    if checkpoint["step"] >= saved.total_steps and (Path(args.resume) / "summary.json").is_file():
         fail(f"the run in {args.resume} has finished ({checkpoint['step']} steps); there is nothing to resume")
     return saved, checkpoint
 
 
-stop_requested = False
+stop_requested = 0  # the signal that asked the run to stop after its current step (0: none)
+new_run_dir: Optional[Path] = None  # the folder this process made, until it holds a checkpoint
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, Slurm, Ray, Docker, Colab
 
 
 def stop_after_this_step(signum, frame) -> None:
-    """Ctrl-C: finish the update under way, so that the checkpoint holds a consistent state; a second one stops now."""
+    """Ctrl-C or SIGTERM: finish the update under way, so that the checkpoint holds a consistent state, then write
+    the checkpoint, summary.json, the model and the policy file, in that order; a second signal stops at once."""
     global stop_requested
-    stop_requested = True
-    print("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGINT, stop_at_once)
+    stop_requested = signum
+    print(f"{STOP_SIGNALS[signum]}: stopping after this step (a second one stops at once)", file=sys.stderr, flush=True)
+    for other in STOP_SIGNALS:
+        signal.signal(other, stop_at_once)
+
+
+def discard_new_run_dir() -> bool:
+    """Remove the folder this process made if it holds no checkpoint yet, and runs/ when that leaves it empty."""
+    if new_run_dir is None or (new_run_dir / "checkpoint.pt").exists():
+        return False
+    shutil.rmtree(new_run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        new_run_dir.parent.rmdir()
+    return True
 
 
 def stop_at_once(signum, frame) -> None:
-    print("interrupted: stopped without saving; the last checkpoint, if any, is kept", file=sys.stderr)
-    os._exit(130)
+    """Stop now. A folder this process made that holds no checkpoint yet is removed: nothing is left half-made."""
+    if discard_new_run_dir():
+        print(f"{STOP_SIGNALS[signum]}: stopped before the first checkpoint; nothing was kept", file=sys.stderr)
+    else:
+        print(f"{STOP_SIGNALS[signum]}: stopped without saving; the last checkpoint, if any, is kept", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 class Run:
@@ -645,10 +784,9 @@ class Run:
     end_step() logs, evaluates and checkpoints; finish() writes the model, policy.pt2 and summary.json."""
 
     def __init__(self):
-        signal.signal(signal.SIGINT, stop_at_once)
-        args = tyro.cli(Args, description=__doc__)
-        self.args, self.checkpoint = load_checkpoint(args) if args.resume else (args, None)
-        validate_args(self.args)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, stop_at_once)
+        self.args, self.checkpoint = read_flags()
         random.seed(self.args.seed)
         np.random.seed(self.args.seed)
         torch.manual_seed(self.args.seed)
@@ -657,6 +795,7 @@ class Run:
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.args.cuda else "cpu")
         self.data, self.metadata = load_dataset(self.args.dataset, self.device)
         self.env_id, self.action_space = validate_env(self.args, self.data, self.metadata)
+        self.return_range = return_range(self.data["rewards"], self.args.gamma)
         if isinstance(self.action_space, gym.spaces.Box):
             bounds = (self.action_space.low, self.action_space.high)
             low, high = (torch.tensor(bound, dtype=torch.float32, device=self.device) for bound in bounds)
@@ -673,6 +812,7 @@ class Run:
         self.deterministic, self.extra = deterministic, extra or {}
         name = f"{self.env_id}__{args.exp_name}__{Path(args.dataset).stem}__{args.seed}__{int(time.time())}"
         self.run_dir = Path(args.resume) if checkpoint else self.make_run_dir(name)
+        self.lock = lock_run_dir(self.run_dir)
         if args.track:
             try:
                 import wandb
@@ -687,6 +827,7 @@ class Run:
         saved = checkpoint or {"step": 0, "evaluations": [], "eval_time_s": 0.0, "wall_time_s": 0.0}
         self.step = self.saved_step = saved["step"]
         self.evaluations, self.eval_time = saved["evaluations"], saved["eval_time_s"]
+        self.critic_diverged_at_step = saved.get("critic_diverged_at_step")
         self.wall_time = saved["wall_time_s"]
         if checkpoint:
             for name, part in state.items():
@@ -706,18 +847,27 @@ class Run:
     @staticmethod
     def make_run_dir(name: str) -> Path:
         """A new folder runs/<name>: mkdir is atomic, so two runs started in the same second get a folder each."""
-        Path("runs").mkdir(exist_ok=True)
-        for attempt in range(1, 1000):
-            run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
-            with contextlib.suppress(FileExistsError):
-                run_dir.mkdir()
-                return run_dir
+        global new_run_dir
+        try:
+            Path("runs").mkdir(exist_ok=True)
+            for attempt in range(1, 1000):
+                run_dir = Path("runs") / (name if attempt == 1 else f"{name}-{attempt}")
+                with contextlib.suppress(FileExistsError):
+                    run_dir.mkdir()
+                    new_run_dir = run_dir
+                    return run_dir
+        except OSError as error:  # runs/ is a file, or the folder is not writable
+            fail(
+                f"cannot make a run folder in {Path('runs').resolve()}: {error.strerror or error}; run from a "
+                "folder where you may write (runs/ goes there), or remove the file named runs"
+            )
         fail(f"runs/{name} and 998 suffixed folders exist already; choose another --exp-name")
 
     def steps(self):
-        """The gradient steps still to take, from 1 or after the checkpoint's; Ctrl-C ends them after a checkpoint."""
+        """The gradient steps still to take, from 1 or after the checkpoint's; Ctrl-C or SIGTERM ends them."""
         self.start_time, self.last_print = time.time() - self.wall_time, time.time()
-        signal.signal(signal.SIGINT, stop_after_this_step)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, stop_after_this_step)
         for step in range(self.step + 1, self.args.total_steps + 1):
             if stop_requested:
                 return
@@ -760,6 +910,11 @@ class Run:
         video_folder = self.run_dir / "videos" if args.capture_video else None
         how = (args.eval_episodes, args.seed, args.gamma, self.device, references, video_folder, f"step{step}")
         result = evaluate(self.acting, self.q_initial, self.env_id, *how)
+        if not all(math.isfinite(result.get(key, 0.0)) for key in ("mean_return", "q_initial")):
+            fail(
+                f"the evaluation at gradient step {step} gave a return of {result['mean_return']} and Q(s0) "
+                f"{result.get('q_initial')}: the networks hold NaN or infinite values. Try a lower learning rate"
+            )
         self.eval_time += time.time() - eval_start
         # wall_time_s: to this score, evaluations included.
         self.evaluations.append(evaluation := {"step": step, **result, "wall_time_s": time.time() - self.start_time})
@@ -775,6 +930,23 @@ class Run:
             f"{time.time() - eval_start:.0f} s",
             flush=True,
         )
+        self.check_divergence(step, evaluation.get("q_initial"))
+
+    def check_divergence(self, step: int, q: Optional[float]) -> None:
+        """Say once, and record, when the critic's Q(s0) leaves the returns the data's rewards allow by more than a
+        tenth of that range: a critic so far out is diverging, whatever the policy's return does meanwhile."""
+        (low, high), seen = self.return_range, self.critic_diverged_at_step is not None
+        margin = 0.1 * (high - low)
+        if q is None or seen or margin == 0.0 or low - margin <= q <= high + margin:
+            return
+        self.critic_diverged_at_step = step
+        side, bound = ("above", high) if q > high else ("below", low)
+        print(
+            f"warning: at step {step} the critic's estimate of the first states, {q:.3g}, is {side} any return the "
+            f'data\'s rewards allow ({bound:,.0f}): the critic is diverging; see "Reading the Q(s0) diagnostic" in '
+            "README.md",
+            flush=True,
+        )
 
     def save_checkpoint(self, step: int) -> None:
         self.wall_time, self.saved_step = time.time() - self.start_time, step
@@ -783,59 +955,72 @@ class Run:
             args=asdict(self.args), step=step, rng=rng_states(), evaluations=self.evaluations, state=state
         )
         checkpoint.update(wall_time_s=self.wall_time, eval_time_s=self.eval_time)
+        checkpoint.update(critic_diverged_at_step=self.critic_diverged_at_step)
         write_atomically(self.run_dir / "checkpoint.pt", lambda path: torch.save(checkpoint, path))
 
     def finish(self) -> None:
-        """Save the model, the policy file and summary.json; on Ctrl-C, exit 130 with the command that resumes."""
-        args, run_dir, step, space = self.args, self.run_dir, self.step, self.action_space
-        references = self.metadata.get("reference_returns")
-        if stop_requested and self.saved_step != step:
+        """Save the model, the policy file and summary.json. Stopped by a signal: the checkpoint, summary.json, the
+        model and the policy file, in that order (what a kill after a short grace period loses least), then exit
+        130 (Ctrl-C) or 143 (SIGTERM) with the command that resumes."""
+        args, run_dir, step = self.args, self.run_dir, self.step
+        stopped = stop_requested  # a signal that comes while the files are written changes nothing any more
+        if stopped and self.saved_step != step:
             self.save_checkpoint(step)
-        model_path, obs_dim = run_dir / f"{args.exp_name}.pt", self.data["observations"].shape[1]
-        if args.save_model:
-            write_atomically(model_path, lambda path: torch.save(self.model.state_dict(), path))
-            kind = (
-                dict(low=space.low.tolist(), high=space.high.tolist())
-                if hasattr(space, "low")
-                else dict(n=int(space.n))
-            )
-            info = dict(env_id=self.env_id, algorithm=args.exp_name, dataset=args.dataset, step=step)
-            info.update(observation_shape=[obs_dim], action_space=kind, reference_returns=references)
-            info.update(deterministic=self.deterministic, evaluation=dict(episodes=args.eval_episodes, seed=args.seed))
-            info["evaluation"]["gamma"] = args.gamma
-            # torch.export: a program that torch.export.load(path).module() runs without this file and without pickle.
-            acting = copy.deepcopy(self.acting).cpu().eval().requires_grad_(False)  # its actions convert to numpy
-            batch = {0: torch.export.Dim("batch")}
-            program = torch.export.export(acting, (torch.zeros(2, obs_dim),), dynamic_shapes=(batch,))
-            archive = io.BytesIO()
-            torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
-            write_atomically(run_dir / "policy.pt2", lambda path: path.write_bytes(archive.getvalue()))
-            print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
+        model_path = run_dir / f"{args.exp_name}.pt"
         final = self.evaluations[-1] if self.evaluations else {}
-        status = "interrupted" if stop_requested else "finished"
+        status = "interrupted" if stopped else "finished"
         summary = dict(args=asdict(args), status=status, env_id=self.env_id, dataset=args.dataset, run_dir=str(run_dir))
         summary.update(model_path=str(model_path) if args.save_model else None, **self.extra)
         summary.update({f"final_{key}": final.get(key) for key in ("returns", "mean_return", "std_return")})
         summary.update(final_normalized_score=final.get("normalized_score"), total_steps=args.total_steps)
         summary.update(steps_done=step, wall_time_s=self.wall_time, eval_time_s=self.eval_time)
         summary.update(updates_per_second=step / (self.wall_time - self.eval_time), evaluations=self.evaluations)
+        summary.update(critic_diverged_at_step=self.critic_diverged_at_step)
         summary.update(device=str(self.device), git_commit=git_commit())
         versions = dict(python=platform.python_version(), torch=torch.__version__, gymnasium=gym.__version__)
         summary["versions"] = dict(**versions, numpy=np.__version__)
-        write_atomically(run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
+        write_summary = lambda: write_atomically(  # noqa: E731
+            run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2))
+        )
+        if stopped:
+            write_summary()
+        if args.save_model:
+            write_atomically(model_path, lambda path: torch.save(self.model.state_dict(), path))
+            self.save_policy_file(step)
+            print(f"model saved to {model_path}, acting policy to {run_dir / 'policy.pt2'}")
+        if not stopped:
+            write_summary()
         self.writer.close()
-        if stop_requested:
+        if stopped:
             print(
-                f"interrupted after step {step} of {args.total_steps}; continue with:  python {sys.argv[0]} "
-                f"--resume {run_dir}",
+                f"interrupted ({STOP_SIGNALS[stopped]}) after step {step} of {args.total_steps}; continue "
+                f"with:  python {sys.argv[0]} --resume {run_dir}",
                 file=sys.stderr,
             )
-            sys.exit(130)
+            sys.exit(128 + stopped)
         print(
             f"final return {final['mean_return']:.1f} ± {final['std_return']:.1f} over {args.eval_episodes} "
             f"episodes; {summary['updates_per_second']:.0f} updates/s, {self.wall_time:.0f} s.\nRun folder "
             f"{run_dir} (summary.json, TensorBoard events: tensorboard --logdir runs)"
         )
+
+    def save_policy_file(self, step: int) -> None:
+        """policy.pt2: the acting function as a torch.export program, which torch.export.load(path).module() runs
+        without this file and without pickle, and its env, action space and evaluation settings."""
+        args, space, obs_dim = self.args, self.action_space, self.data["observations"].shape[1]
+        kind = dict(low=space.low.tolist(), high=space.high.tolist()) if hasattr(space, "low") else dict(n=int(space.n))
+        info = dict(env_id=self.env_id, algorithm=args.exp_name, dataset=args.dataset, step=step)
+        info.update(
+            observation_shape=[obs_dim], action_space=kind, reference_returns=self.metadata.get("reference_returns")
+        )
+        info.update(deterministic=self.deterministic, evaluation=dict(episodes=args.eval_episodes, seed=args.seed))
+        info["evaluation"]["gamma"] = args.gamma
+        acting = copy.deepcopy(self.acting).cpu().eval().requires_grad_(False)  # its actions convert to numpy
+        batch = {0: torch.export.Dim("batch")}
+        program = torch.export.export(acting, (torch.zeros(2, obs_dim),), dynamic_shapes=(batch,))
+        archive = io.BytesIO()
+        torch.export.save(program, archive, extra_files={"policy.json": json.dumps(info)})
+        write_atomically(self.run_dir / "policy.pt2", lambda path: path.write_bytes(archive.getvalue()))
 
 
 # ---- end of run bookkeeping ----

@@ -22,12 +22,14 @@ ends with 5 (37 steps off the data). BCQ, never maximising over untried actions,
 keep it on the data at x = 20 and earn 12. The picture: <run folder>/q_table.png.
 """
 
+import contextlib
+import io
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, Optional
 
 import numpy as np
 import tyro
@@ -84,13 +86,36 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def read_flags(argv: Optional[list[str]] = None) -> Args:
+    """The checked flags; tyro's error box becomes one line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = tyro.cli(Args, args=argv, description=__doc__)
+    except SystemExit as stop:
+        if stop.code:
+            lines = [line.strip("│╭╮╰╯─ ") for line in captured.getvalue().splitlines()] + [""]
+            message = " ".join(lines[1 : lines.index("", 1)]).rstrip(".") or "the flags could not be read"
+            for python_words, kind in (
+                ("invalid literal for int() with base 10", "a whole number"),
+                ("could not convert string to float", "a number"),
+            ):
+                message = message.replace(f": {python_words}: ", f" takes {kind}, got ").replace("Error parsing ", "")
+            fail(f"{message}; see --help")
+        raise
+    check_flags(args)
+    return args
+
+
 def check_flags(args: Args) -> None:
+    if args.seed < 0:
+        fail(f"--seed must be at least 0, got {args.seed}")
     if not 0.0 <= args.gamma <= 1.0:
         fail(f"--gamma must be in [0, 1], got {args.gamma}")
     if not np.isfinite(args.init_q):
         fail(f"--init-q must be a finite number, got {args.init_q}")
     if not 0.0 <= args.cql_alpha < np.inf:
-        fail(f"--cql-alpha must be at least 0, got {args.cql_alpha}")
+        fail(f"--cql-alpha must be a finite number at least 0, got {args.cql_alpha}")
     if args.iterations < 1 or args.episodes < 1:
         fail(f"--iterations and --episodes must be at least 1, got {args.iterations} and {args.episodes}")
     if not 0.0 <= args.noise <= 1.0:
@@ -318,8 +343,7 @@ def draw(q: np.ndarray, held: np.ndarray, policy, path, title: str, output: Path
 
 
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__)
-    check_flags(args)
+    args = read_flags()
     started = time.time()
     if args.data == "paths":
         transitions = path_transitions(MAIN_PATH) + path_transitions(SIDE_BRANCH)

@@ -43,14 +43,16 @@ from typing import Any, Callable, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
-import tyro
 import yaml
 from dataset_io import (
     DatasetError,
+    check_range,
     default_dataset_path,
     describe_space,
     exit_on_dataset_error,
+    parse_flags,
     prepare_output,
+    quiet_mujoco_deprecations,
     save_dataset,
 )
 from tqdm import tqdm
@@ -137,11 +139,15 @@ def current_env_id(agent_env_id: str) -> str:
 
 
 def make_env_checked(env_id: str) -> gym.Env:
-    """gym.make with a clear message for an unknown or deprecated id or a missing dependency."""
+    """gym.make with a clear message for an unknown or deprecated id or a missing dependency; MuJoCo's warnings
+    about gymnasium's own models are silenced before the first env is made."""
     try:
+        quiet_mujoco_deprecations(env_id)
         return gym.make(env_id)
-    except gym.error.DependencyNotInstalled as error:
-        raise DatasetError(f"{env_id} needs a package that is not installed: {error}") from None
+    except (gym.error.DependencyNotInstalled, ImportError) as error:  # MuJoCo -v2/-v3 and mujoco: ImportErrors
+        today = current_env_id(env_id)
+        hint = f" Today's id for it is {today}." if today != env_id else ""
+        raise DatasetError(f"{env_id} needs a package that is not installed: {error}{hint}") from None
     except gym.error.Error as error:
         hint = ""
         if current_env_id(env_id) != env_id:
@@ -267,8 +273,12 @@ def read_zoo_config(path: Optional[Path]) -> dict[str, Any]:
         "tag:yaml.org,2002:python/object/apply:collections.OrderedDict",
         lambda loader, node: dict(loader.construct_sequence(node, deep=True)[0]),
     )
-    with open(path) as file:
-        config = yaml.load(file, Loader=ZooConfigLoader)
+    try:
+        with open(path) as file:
+            config = yaml.load(file, Loader=ZooConfigLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())  # yaml's messages span several lines
+        raise DatasetError(f"cannot read the agent's {path}: {reason}; download it again") from None
     return config if isinstance(config, dict) else {}
 
 
@@ -371,6 +381,8 @@ class Agent:
                 f"unknown algorithm {source.algo!r} for {source.name}; pass --algo, one of {', '.join(classes)}"
             )
         if source.path is not None:
+            if source.path.is_dir():
+                raise DatasetError(f"--agent-path {source.path} is a folder; give the agent's zip in it")
             if not source.path.is_file():
                 raise DatasetError(f"--agent-path {source.path} does not exist")
             zip_path = source.path
@@ -427,8 +439,13 @@ class Agent:
         self.action_dtype = env.action_space.dtype
         self.normalizer = None
         if normalizer_path is not None:
-            with open(normalizer_path, "rb") as file:
-                self.normalizer = GymToGymnasiumUnpickler(file).load()
+            try:
+                with open(normalizer_path, "rb") as file:
+                    self.normalizer = GymToGymnasiumUnpickler(file).load()
+            except Exception as error:  # pickle raises many kinds on a truncated or foreign file
+                raise DatasetError(
+                    f"cannot read {normalizer_path} ({type(error).__name__}: {error}); download it again"
+                ) from None
             self.normalizer.observation_space = env.observation_space
             self.normalizer.action_space = env.action_space
         self.source = source
@@ -633,12 +650,18 @@ def measure_reference_returns(
     }
 
 
+def check_flags(args: Args) -> None:
+    """Refuse numbers that cannot make a dataset, before any env or agent is loaded."""
+    for flag in ("num_transitions", "num_envs", "reference_episodes"):
+        check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
+    check_range("--seed", args.seed, 0)  # numpy's and gymnasium's seeds are never negative
+    check_range("--random-action-prob", args.random_action_prob, 0.0, 1.0)
+    check_range("--noise-std", args.noise_std, 0.0)
+
+
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__)
-    if args.num_transitions < 1 or args.num_envs < 1 or args.reference_episodes < 1:
-        raise DatasetError("--num-transitions, --num-envs and --reference-episodes must be at least 1")
-    if not 0.0 <= args.random_action_prob <= 1.0 or args.noise_std < 0.0:
-        raise DatasetError("--random-action-prob must be in [0, 1] and --noise-std at least 0")
+    args = parse_flags(Args, __doc__)
+    check_flags(args)
     output = args.output or default_dataset_path(args.env_id, args.policy)
     observation_space, action_space = check_env(args.env_id)
     prepare_output(output, args.overwrite)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
-from dataset_io import DatasetError, exit_on_dataset_error, load_dataset
+from dataset_io import DatasetError, exit_on_dataset_error, load_dataset, parse_flags
 
 
 @dataclass
@@ -19,17 +19,19 @@ class Args:
     """dataset files to describe"""
 
 
+def number(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def describe(path: Path) -> str:
     arrays, metadata = load_dataset(path)
     returns = arrays["episode_returns"]
     mean_return = f"{returns.mean():.1f} ± {returns.std():.1f}" if len(returns) else "n/a"
     reference = metadata["reference_returns"]
-    expert = "n/a" if reference["expert"] is None else f"{reference['expert']:.1f}"
-    score = (
-        "n/a"
-        if not len(returns) or reference["expert"] is None
-        else f"{100 * (returns.mean() - reference['random']) / (reference['expert'] - reference['random']):.1f}"
-    )
+    random, expert = reference.get("random"), reference.get("expert")
+    # Equal references leave the normalised score undefined (a division by zero), as a missing one does.
+    scorable = len(returns) and random is not None and expert is not None and expert != random
+    score = f"{100 * (returns.mean() - random) / (expert - random):.1f}" if scorable else "n/a"
     seconds = metadata.get("collection_seconds")
     cells = [
         f"`{path.name}`",
@@ -40,15 +42,15 @@ def describe(path: Path) -> str:
         str(len(returns)),
         mean_return,
         score,
-        f"{reference['random']:.1f}",
-        expert,
+        number(random),
+        number(expert),
         "-" if seconds is None else f"{seconds:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__)
+    args = parse_flags(Args, __doc__)
     if not args.paths:
         raise DatasetError("give one or more dataset files, e.g. datasets/*/*.npz")
     rows = [describe(path) for path in args.paths]

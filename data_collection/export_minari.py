@@ -29,7 +29,7 @@ import gymnasium as gym
 import numpy as np
 import tyro
 from collect_dataset import make_env_checked
-from dataset_io import DatasetError, exit_on_dataset_error, load_dataset
+from dataset_io import DatasetError, exit_on_dataset_error, load_dataset, parse_flags
 from import_minari import check_dataset_id, require_minari
 
 # Minari warns about each metadata field left empty; the export fills what our metadata knows, the rest stays empty.
@@ -145,7 +145,7 @@ def create_in_place(minari_folder: Path, dataset_id: str, overwrite: bool, creat
 
 
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__)
+    args = parse_flags(Args, __doc__)
     minari = require_minari()
     from minari.storage import get_dataset_path
 
@@ -170,6 +170,12 @@ def main() -> None:
     ref_min, ref_max = references.get("random"), references.get("expert")
     if ref_min is None or ref_max is None:
         print(f"{args.dataset} has no random and expert reference returns: the Minari dataset gets no ref scores")
+        ref_min = ref_max = None
+    elif ref_min == ref_max:  # Minari's normalised score would divide by zero
+        print(
+            f"the random and expert reference returns of {args.dataset} are equal ({ref_min}), which scales no score: "
+            "the Minari dataset gets no ref scores"
+        )
         ref_min = ref_max = None
     episodes = references.get("episodes") if isinstance(references.get("episodes"), int) else 100  # Minari's default
     agent = f" ({metadata['agent']})" if metadata.get("agent") else ""

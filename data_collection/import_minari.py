@@ -39,10 +39,13 @@ import tyro
 from collect_dataset import agent_source, current_env_id, make_env_checked, measure_reference_returns, same_action_space
 from dataset_io import (
     DatasetError,
+    check_range,
     default_dataset_path,
     describe_space,
     exit_on_dataset_error,
+    parse_flags,
     prepare_output,
+    quiet_mujoco_deprecations,
     save_dataset,
 )
 from tqdm import tqdm
@@ -125,7 +128,7 @@ def open_minari_dataset(minari: ModuleType, dataset_id: str, download: bool):
             f"(MINARI_DATASETS_PATH); get it with `minari download {dataset_id}` or pass --download.{hint}"
         )
     try:
-        return minari.load_dataset(dataset_id, download=download)
+        dataset = minari.load_dataset(dataset_id, download=download)
     except ValueError as error:
         if "Couldn't find any version" in str(error):
             raise DatasetError(
@@ -138,6 +141,26 @@ def open_minari_dataset(minari: ModuleType, dataset_id: str, download: bool):
     except Exception as error:  # a download fails with requests', huggingface_hub's and OS errors of many kinds
         action = "downloading" if download and not (folder / "data").exists() else "reading"
         raise DatasetError(f"{action} Minari dataset {dataset_id} failed: {type(error).__name__}: {error}") from None
+    # The data file opens lazily: read an episode now, so that a damaged one stops the import here, not after the
+    # reference returns have been measured.
+    try:
+        if dataset.total_episodes:
+            next(iter(dataset.iterate_episodes([0])))
+    except (OSError, KeyError) as error:  # h5py's errors for a truncated or foreign data file are OSErrors
+        raise damaged(dataset_id, error) from None
+    return dataset
+
+
+def damaged(dataset_id: str, error: Exception) -> DatasetError:
+    """A Minari dataset whose files cannot be read, in one line (h5py's messages span several)."""
+    from minari.storage import get_dataset_path
+
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return DatasetError(
+        f"Minari dataset {dataset_id} is damaged ({type(error).__name__}: {text}); delete "
+        f"{get_dataset_path(dataset_id)} and download it again (minari download {dataset_id})"
+    )
 
 
 def jsonable(value: Any) -> Any:
@@ -172,6 +195,7 @@ def make_today(env_id: str) -> Optional[gym.Env]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "out of date" ids: the caller says what it does about it
         try:
+            quiet_mujoco_deprecations(env_id)
             return gym.make(env_id)
         except (gym.error.Error, ImportError):  # MuJoCo -v2/-v3 raise a plain ImportError (they need mujoco-py)
             return None
@@ -261,6 +285,19 @@ def reference_returns(dataset, env_id: str, action_space: gym.Space, args: Args)
 
 
 # ---------------------------------------------------------------------------------------------- episodes
+def read_episodes(dataset):
+    """The dataset's episodes; a data file damaged past its first episode stops in one line."""
+    iterator = iter(dataset.iterate_episodes())
+    while True:
+        try:
+            episode = next(iterator)
+        except StopIteration:
+            return
+        except (OSError, KeyError) as error:
+            raise damaged(dataset.id, error) from None
+        yield episode
+
+
 def episodes_to_transitions(dataset, discrete: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Lay the episodes end to end as transitions; returns the arrays and counts of what needed care."""
     total, observation_dim = dataset.total_steps, dataset.observation_space.shape[0]
@@ -273,7 +310,7 @@ def episodes_to_transitions(dataset, discrete: bool) -> tuple[dict[str, np.ndarr
     episode_end = np.zeros(total, bool)
     stop = 0
     episodes = tqdm(
-        dataset.iterate_episodes(),
+        read_episodes(dataset),
         total=dataset.total_episodes,
         desc=f"reading {dataset.id}",
         unit="episodes",
@@ -331,10 +368,14 @@ def episodes_to_transitions(dataset, discrete: bool) -> tuple[dict[str, np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------- main
+def check_flags(args: Args) -> None:
+    """Refuse numbers that cannot make a dataset, before Minari is read."""
+    check_range("--reference-episodes", args.reference_episodes, 1)
+
+
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__)
-    if args.reference_episodes < 1:
-        raise DatasetError("--reference-episodes must be at least 1")
+    args = parse_flags(Args, __doc__)
+    check_flags(args)
     minari = require_minari()
     dataset = open_minari_dataset(minari, args.dataset_id, args.download)
     observation_space, action_space = dataset.observation_space, dataset.action_space

@@ -27,6 +27,7 @@ from dataset_io import (
     default_dataset_path,
     exit_on_dataset_error,
     load_dataset,
+    parse_flags,
     prepare_output,
     save_dataset,
 )
@@ -99,10 +100,19 @@ def mix(datasets: list[tuple[dict[str, np.ndarray], dict]], names: list[str], re
     return arrays, metadata
 
 
-def main() -> None:
-    args = tyro.cli(Args, description=__doc__)
+def check_flags(args: Args) -> None:
+    """Refuse flags that cannot make a mix, before any file is read."""
     if len(args.inputs) < 2:
         raise DatasetError("give at least two dataset files to mix")
+    if args.reference_from is not None and not 0 <= args.reference_from < len(args.inputs):
+        raise DatasetError(
+            f"--reference-from must be the index of an input, 0 to {len(args.inputs) - 1}, got {args.reference_from}"
+        )
+
+
+def main() -> None:
+    args = parse_flags(Args, __doc__)
+    check_flags(args)
     datasets = [load_dataset(path) for path in args.inputs]
     arrays, metadata = mix(datasets, [str(path) for path in args.inputs], args.reference_from)
     output = args.output or default_dataset_path(metadata["env_id"], metadata["policy"])

@@ -40,9 +40,11 @@ from typing import NoReturn, Optional
 
 import numpy as np
 import torch
-import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "data_collection"))
+from dataset_io import parse_flags  # noqa: E402
+
 D3RLPY_REQUIREMENTS = ["torch==2.13.0", "d3rlpy==2.8.1"]
 
 
@@ -387,12 +389,19 @@ def hub_cache(flag: Optional[Path]) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def check_flags(args: Args) -> None:
+    """Refuse numbers that cannot make a measurement."""
+    if args.repeats < 1 or not args.threads or min(args.threads) < 1:
+        fail(f"--repeats and every --threads must be at least 1, got {args.repeats} and {list(args.threads)}")
+    if not 0 < args.step_scale < float("inf"):  # NaN fails both comparisons
+        fail(f"--step-scale must be a finite number above 0, got {args.step_scale}")
+    if args.collector_transitions < 1:
+        fail(f"--collector-transitions must be at least 1, got {args.collector_transitions}")
+
+
 def select_cases(args: Args) -> list[Case]:
     """The cases to time, after checking the flags and the datasets (exit 2 on bad input)."""
-    if args.repeats < 1 or not args.threads or min(args.threads) < 1:
-        fail("--repeats and every --threads must be at least 1")
-    if args.step_scale <= 0 or args.collector_transitions < 1:
-        fail("--step-scale must be above 0 and --collector-transitions at least 1")
+    check_flags(args)
     if args.hf_cache is not None and not args.hf_cache.is_dir():
         fail(f"--hf-cache {args.hf_cache} is not a folder")
     cases = [case for case in CASES if not args.only or case.name.startswith(args.only)]
@@ -463,17 +472,17 @@ def measure_collector(transitions: int, cache: Path) -> dict[tuple[str, int], fl
 def read_evaluation_shares(default_runs: Path) -> list[tuple[str, float, float, float, float]]:
     """(run, evaluation seconds, wall seconds, updates/s, final return) of each default run's summary.json."""
     shares = []
+    keys = ("eval_time_s", "wall_time_s", "updates_per_second", "final_mean_return")
     for summary_path in sorted(default_runs.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        shares.append(
-            (
-                summary_path.parent.name,
-                summary["eval_time_s"],
-                summary["wall_time_s"],
-                summary["updates_per_second"],
-                summary["final_mean_return"],
-            )
-        )
+        try:
+            summary = json.loads(summary_path.read_text())
+            values = [summary[key] for key in keys]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            what = f"it lacks {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+            fail(f"cannot read {summary_path} ({what}); restore it, or move its run folder out of --default-runs")
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+            fail(f"{summary_path}: {', '.join(keys)} are not all numbers; restore it, or move its run folder out")
+        shares.append((summary_path.parent.name, *values))
     return shares
 
 
@@ -643,6 +652,8 @@ def main(args: Args) -> None:
     measure_the_collector = not args.only and has_collector_agents(cache)
     if not args.only and not measure_the_collector:
         print(f"note: the collector is not measured: no sb3 agents in {cache} {CACHE_HINT}", file=sys.stderr)
+    # Read before the measuring, so that a damaged summary.json stops the run at its start, not after 20 minutes.
+    evaluation_shares = [] if args.only else read_evaluation_shares(args.default_runs)
     started, started_wall = time.time(), datetime.datetime.now(datetime.timezone.utc)
     d3rlpy_python = ensure_d3rlpy(args.d3rlpy_venv)
     d3rlpy_version = run([d3rlpy_python, "-c", "import d3rlpy; print(d3rlpy.__version__)"], ROOT).strip()
@@ -655,11 +666,11 @@ def main(args: Args) -> None:
         flops={case.name: flops_per_update(case, d3rlpy_python) for case in cases},
         peaks=measure_peaks(args.threads),
         collector=measure_collector(args.collector_transitions, cache) if measure_the_collector else {},
-        evaluation_shares=[] if args.only else read_evaluation_shares(args.default_runs),
+        evaluation_shares=evaluation_shares,
         hf_cache=cache,
     )
     write_report(cases, args, measured)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    main(parse_flags(Args, __doc__))

@@ -37,7 +37,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_matrix import MATRIX_DIR, ROOT  # noqa: E402
+from run_matrix import MATRIX_DIR, ROOT, fail, read_json_object  # noqa: E402
 
 SHORT = ["--total-steps", "300", "--eval-freq", "150", "--eval-episodes", "2"]
 IGNORED_ARGS = {"resume"}  # how a run was continued, not what it computed
@@ -71,7 +71,7 @@ def changed_datasets(records: list[Path], table: Path) -> set[str]:
     committed = subprocess.run(
         ["git", "show", f"HEAD:{table.resolve().relative_to(ROOT)}"], cwd=ROOT, capture_output=True, text=True
     ).stdout
-    paths = sorted({json.loads((folder / "summary.json").read_text())["args"]["dataset"] for folder in records})
+    paths = sorted({made_with(folder)["dataset"] for folder in records})
     existing = [path for path in paths if (ROOT / path).exists()]
     today = (
         subprocess.run(
@@ -89,6 +89,15 @@ def changed_datasets(records: list[Path], table: Path) -> set[str]:
         for path in paths
         if (key := (Path(path).parent.name, Path(path).name)) not in now or before.get(key) != now[key]
     }
+
+
+def made_with(folder: Path) -> dict:
+    """The args of a record's summary.json; a record that cannot be read stops with one line that names it."""
+    path = folder / "summary.json"
+    args = read_json_object(path).get("args")
+    if not (isinstance(args, dict) and isinstance(args.get("dataset"), str)):
+        fail(f"{path} has no args with a dataset; restore it (git checkout -- {path}) or delete its folder")
+    return args
 
 
 def current_args(script: str, command: list[str]) -> dict:
@@ -155,7 +164,9 @@ def main(args: Args) -> None:
     ).stdout.strip()
     groups = defaultdict(list)  # (script, commit, flags beyond --dataset and --seed) -> records
     for path in sorted(args.records.glob("*/run.json")):
-        record = json.loads(path.read_text())
+        record = read_json_object(path)
+        if not (isinstance(record.get("command"), str) and isinstance(record.get("commit"), str)):
+            fail(f"{path} lacks its command or commit; restore it (git checkout -- {path}) or delete its folder")
         command = shlex.split(record["command"])
         if record["commit"] == head:
             continue
@@ -189,11 +200,11 @@ def main(args: Args) -> None:
     for (script, commit, flags), records in sorted(groups.items()):
         changed = set()
         for folder, command in records:
-            made_with = json.loads((folder / "summary.json").read_text())["args"]
+            made = made_with(folder)
             today = current_args(script, command)
             # A flag added since (absent from the record) or removed since (absent today) is left to the short
             # run, which runs the record's command line on both versions.
-            changed |= {key for key in set(made_with) & set(today) - IGNORED_ARGS if made_with[key] != today[key]}
+            changed |= {key for key in set(made) & set(today) - IGNORED_ARGS if made[key] != today[key]}
         flags_text = "same" if not changed else "changed: " + ", ".join(sorted(changed))
         if changed:
             same, how = False, "not run"

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_matrix import GRIDS, MATRIX, MATRIX_DIR, ROOT, SEEDS  # noqa: E402
+from run_matrix import GRIDS, MATRIX, MATRIX_DIR, ROOT, SEEDS, fail, read_json_object  # noqa: E402
 
 BEGIN, END = "<!-- report:begin (made by results/make_report.py) -->", "<!-- report:end -->"
 COVERAGE_BEGIN, COVERAGE_END = "<!-- coverage:begin (made by results/make_report.py) -->", "<!-- coverage:end -->"
@@ -69,12 +69,56 @@ class Args:
     """folder of the finished runs of the data-coverage study (run_matrix.py --grid coverage)"""
 
 
-def load_runs(matrix: Path) -> dict[tuple[str, str, str], list[dict]]:
-    """(env, dataset, algorithm) -> one dict per finished seed, holding its run.json and its summary.json."""
+# What the report reads from each record, and the JSON types it may have (None: null).
+NUMBER = (int, float)
+RECORD_FIELDS = {
+    "env_id": (str,),
+    "dataset": (str,),
+    "algorithm": (str,),
+    "command": (str,),
+    "commit": (str,),
+    "wall_time_s": NUMBER,
+    "machine": (dict,),
+}
+SUMMARY_FIELDS = {
+    "final_mean_return": NUMBER,
+    "final_normalized_score": (*NUMBER, type(None)),
+    "total_steps": NUMBER,
+    "updates_per_second": NUMBER,
+    "evaluations": (list,),
+}
+# The coverage section reads fewer: no command, machine, speed or return.
+COVERAGE_RECORD_FIELDS = {
+    key: RECORD_FIELDS[key] for key in ("env_id", "dataset", "algorithm", "commit", "wall_time_s")
+}
+COVERAGE_SUMMARY_FIELDS = {key: SUMMARY_FIELDS[key] for key in ("final_normalized_score", "evaluations")}
+
+
+def check_fields(value: dict, fields: dict, path: Path) -> None:
+    """Stop with one line naming the file when a field the report reads is missing or of another kind."""
+    remedy = f"restore it (git checkout -- {path}) or delete its folder, and results/run_matrix.py runs it again"
+    for key, kinds in fields.items():
+        if key not in value:
+            fail(f"{path} lacks {key}; {remedy}")
+        if not isinstance(value[key], kinds) or isinstance(value[key], bool):
+            fail(f"{path}: its {key} is {json.dumps(value[key])[:40]}; {remedy}")
+    if "evaluations" in fields and not all(
+        isinstance(e, dict) and {"step", "normalized_score"} <= set(e) for e in value["evaluations"]
+    ):
+        fail(f"{path}: an evaluation is not a JSON object with a step and a normalized_score; {remedy}")
+
+
+def load_runs(
+    matrix: Path, record_fields: dict = RECORD_FIELDS, summary_fields: dict = SUMMARY_FIELDS
+) -> dict[tuple[str, str, str], list[dict]]:
+    """(env, dataset, algorithm) -> one dict per finished seed, holding its run.json and its summary.json. A record
+    that cannot be read, or lacks a field the report reads, stops the report with one line that names its file."""
     runs = defaultdict(list)
     for record_path in sorted(matrix.glob("*/run.json")):
-        record = json.loads(record_path.read_text())
-        record["summary"] = json.loads((record_path.parent / "summary.json").read_text())
+        record = read_json_object(record_path)
+        check_fields(record, record_fields, record_path)
+        record["summary"] = read_json_object(record_path.parent / "summary.json")
+        check_fields(record["summary"], summary_fields, record_path.parent / "summary.json")
         runs[record["env_id"], record["dataset"], record["algorithm"]].append(record)
     return runs
 
@@ -85,12 +129,18 @@ def dataset_scores(matrix: Path) -> dict[tuple[str, str], float]:
     if not path.exists():
         return {}
     rows = [line.strip("|").split("|") for line in path.read_text().splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in rows[0]]
     scores = {}
-    for row in rows[2:]:
-        cells = dict(zip(header, (cell.strip() for cell in row)))
-        if cells["normalised"] != "n/a":
-            scores[cells["env"], cells["file"].strip("`").removesuffix(".npz")] = float(cells["normalised"])
+    try:
+        header = [cell.strip() for cell in rows[0]]
+        for row in rows[2:]:
+            cells = dict(zip(header, (cell.strip() for cell in row)))
+            if cells["normalised"] != "n/a":
+                scores[cells["env"], cells["file"].strip("`").removesuffix(".npz")] = float(cells["normalised"])
+    except (IndexError, KeyError, ValueError) as error:
+        fail(
+            f"cannot read {path}: it is not a table of data_collection/describe_datasets.py ({type(error).__name__}: "
+            f"{error}); restore it (git checkout -- {path}), or results/run_matrix.py --list writes it again"
+        )
     return scores
 
 
@@ -150,10 +200,19 @@ def seed_curves(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label_steps(axis) -> None:
-    """Gradient steps as 10k, 20k: full numbers collide under a 4-inch panel."""
+    """Gradient steps as 10k, 20k: full numbers collide under a 4-inch panel (steps below 1000 keep theirs)."""
     axis.set_xlabel("gradient steps")
-    thousands = matplotlib.ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k" if step else "0")
+    thousands = matplotlib.ticker.FuncFormatter(
+        lambda step, _: f"{step / 1000:g}k" if abs(step) >= 1000 else f"{step:g}"
+    )
     axis.xaxis.set_major_formatter(thousands)
+
+
+def mark_empty(axis) -> None:
+    """A panel of a dataset that no run has finished on: say so, without the axes' default 0-to-1 ticks."""
+    axis.text(0.5, 0.5, "no finished run yet", transform=axis.transAxes, ha="center", va="center", color="gray")
+    axis.set_xticks([])
+    axis.set_yticks([])
 
 
 def save_with_legend(figure, axes, path: Path, extra: tuple = ()) -> None:
@@ -175,6 +234,9 @@ def save_with_legend(figure, axes, path: Path, extra: tuple = ()) -> None:
 def plot_learning_curves(runs, env, behaviour: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(env.datasets), figsize=(4.2 * len(env.datasets), 3.4), squeeze=False)
     for axis, dataset in zip(axes[0], env.datasets):
+        empty = not any(runs.get((env.env_id, dataset, algorithm.label)) for algorithm in env.algorithms)
+        if empty:
+            mark_empty(axis)
         for algorithm in env.algorithms:
             records = runs.get((env.env_id, dataset, algorithm.label))
             if not records:
@@ -184,7 +246,7 @@ def plot_learning_curves(runs, env, behaviour: dict, path: Path) -> None:
             colour = COLOURS.get(algorithm.label)
             axis.plot(steps, mean, color=colour, label=algorithm.label)
             axis.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.2)
-        if (env.env_id, dataset) in behaviour:
+        if (env.env_id, dataset) in behaviour and not empty:
             axis.axhline(behaviour[env.env_id, dataset], color="black", linestyle="--", linewidth=1, label="dataset")
         axis.set_title(f"{env.env_id}, {dataset}")
         label_steps(axis)
@@ -575,7 +637,7 @@ def coverage_report(coverage: Path, figures: Path, readme_dir: Path) -> list[str
     from rliable import library as rly
 
     rows, seeds, _ = GRIDS["coverage"]
-    runs, behaviour = load_runs(coverage), dataset_scores(coverage)
+    runs, behaviour = load_runs(coverage, COVERAGE_RECORD_FIELDS, COVERAGE_SUMMARY_FIELDS), dataset_scores(coverage)
     if not runs:
         return ["No run of the coverage study has finished yet (`results/run_matrix.py --grid coverage`)."]
     lines = []

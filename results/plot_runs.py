@@ -16,8 +16,10 @@ For the project's own matrix of runs, see results/make_report.py.
 """
 
 import json
+import math
 import os
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,8 @@ def run_folders(folders: tuple[Path, ...]) -> list[Path]:
     found = {}
     for folder in folders:
         if not folder.is_dir():
-            fail(f"{folder} is not a folder; give the runs/ folder the algorithm scripts wrote, or run folders in it")
+            what = "it is a file" if folder.exists() else "it does not exist"
+            fail(f"{folder} is not a folder ({what}); give the runs/ folder the scripts wrote, or run folders in it")
         is_run = (folder / "summary.json").exists()
         candidates = [folder] if is_run else sorted(path for path in folder.iterdir() if path.is_dir())
         for candidate in candidates:
@@ -83,35 +86,64 @@ def load_run(folder: Path, group_by: tuple[str, ...]) -> Optional[Run]:
     if not path.exists():
         print(f"skipped {folder}: no summary.json (a run still going, or stopped before writing it)")
         return None
+    if path.is_dir():
+        print(f"skipped {folder}: its summary.json is a folder, not a file")
+        return None
     try:
-        summary = json.loads(path.read_text())
-        args = summary["args"]
-        # One argument: its value alone ("bc"); several: name=value pairs ("exp_name=bc, learning_rate=0.001").
-        label = (
-            str(args.get(group_by[0]))
-            if len(group_by) == 1
-            else ", ".join(f"{key}={args.get(key)}" for key in group_by)
-        )
-        run = Run(
-            folder,
-            summary["env_id"],
-            Path(summary["dataset"]).stem,
-            label,
-            args.get("seed"),
-            summary.get("status") == "interrupted",
-            list(summary["evaluations"]),
-            dict(args),
-        )
+        text = path.read_text()
+        summary = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        print(f"skipped {folder}: summary.json is unreadable ({error})")
+        if isinstance(error, json.JSONDecodeError):
+            reason = f"it is not JSON: {error}" if text.strip() else "it is empty"
+        else:
+            reason = "it is not text" if isinstance(error, UnicodeDecodeError) else error.strerror or error
+        print(f"skipped {folder}: summary.json is unreadable ({reason})")
         return None
-    except (KeyError, TypeError, AttributeError) as error:  # valid JSON, but not an algorithm script's summary
-        print(f"skipped {folder}: summary.json is not an algorithm script's summary (no {error})")
+    problem = summary_problem(summary)
+    if problem is not None:
+        print(f"skipped {folder}: summary.json is not an algorithm script's summary ({problem})")
         return None
+    args = summary["args"]
+    # One argument: its value alone ("bc"); several: name=value pairs ("exp_name=bc, learning_rate=0.001").
+    label = (
+        str(args.get(group_by[0])) if len(group_by) == 1 else ", ".join(f"{key}={args.get(key)}" for key in group_by)
+    )
+    run = Run(
+        folder,
+        summary["env_id"],
+        Path(summary["dataset"]).stem,
+        label,
+        args.get("seed"),
+        summary.get("status") == "interrupted",
+        list(summary["evaluations"]),
+        dict(args),
+    )
     if not run.evaluations:
         print(f"skipped {folder}: summary.json has no evaluation (stopped before the first one)")
         return None
     return run
+
+
+def summary_problem(summary) -> Optional[str]:
+    """What the plot and the table need from a summary.json and it lacks, or None."""
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
+    if not isinstance(summary, dict):
+        return f"it holds {json.dumps(summary)[:40]}, not a JSON object"
+    kinds = {"args": dict, "env_id": str, "dataset": str, "evaluations": list}
+    for key, kind in kinds.items():
+        if not isinstance(summary.get(key), kind):
+            return f"no {key}" if key not in summary else f"its {key} is {json.dumps(summary[key])[:40]}"
+    for evaluation in summary["evaluations"]:
+        if not (
+            isinstance(evaluation, dict)
+            and number(evaluation.get("step"))
+            and math.isfinite(evaluation["step"])
+            and number(evaluation.get("mean_return"))
+        ):
+            return f"an evaluation without a step and a mean_return: {json.dumps(evaluation)[:40]}"
+        if evaluation.get("normalized_score") is not None and not number(evaluation["normalized_score"]):
+            return f"an evaluation's normalized_score is {json.dumps(evaluation['normalized_score'])[:40]}"
+    return None
 
 
 def load_runs(args: Args) -> dict[tuple[str, str, str], list[Run]]:
@@ -198,7 +230,9 @@ def plot(groups: dict[tuple[str, str, str], list[Run]], metric: str) -> plt.Figu
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    # Each panel's legend goes under it, where it hides no curve: the figure grows by the longest legend.
+    most_lines = max(sum(key[:2] == panel for key in groups) for panel in panels)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, (3.6 + 0.18 * most_lines) * rows), squeeze=False)
     plotted = 0
     for axis, (env_id, dataset) in zip(axes.flat, panels):
         for (_, _, label), runs in ((k, v) for k, v in groups.items() if k[:2] == (env_id, dataset)):
@@ -219,19 +253,26 @@ def plot(groups: dict[tuple[str, str, str], list[Run]], metric: str) -> plt.Figu
             axis.plot(steps, mean, color=colours[label], label=legend, marker="." if len(steps) < 30 else None)
             axis.fill_between(steps, low, high, color=colours[label], alpha=0.2, linewidth=0)
             plotted += 1
-        axis.set_title(f"{env_id}, {dataset}", fontsize=10)
+        axis.set_title(wrap(f"{env_id}, {dataset}", 4.2, 10), fontsize=10)
         axis.set_ylabel(name)
         format_steps(axis)
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
+            axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     for axis in axes.flat[len(panels) :]:
         axis.set_visible(False)
     if not plotted:
         fail(f"no run has a {name}: its datasets have no reference returns; plot --metric return instead")
-    figure.suptitle(f"{name}: mean over seeds, band from the lowest to the highest seed", fontsize=11)
+    title = f"{name}: mean over seeds, band from the lowest to the highest seed"
+    figure.suptitle(wrap(title, 4.4 * columns, 11), fontsize=11)
     figure.tight_layout()
     return figure
+
+
+def wrap(text: str, inches: float, points: float) -> str:
+    """Text broken into lines that fit `inches` at a font of `points` (a character is about 0.6 of the font size
+    wide): a title wider than its figure or panel would be cut off at both sides."""
+    return textwrap.fill(text, max(10, math.floor(inches * 72 / (0.6 * points))))
 
 
 def save_atomically(figure: plt.Figure, path: Path) -> None:

@@ -53,10 +53,11 @@ from statistics import median
 from typing import Literal, NoReturn, Optional
 
 import numpy as np
-import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data_collection"))
 from benchmark_speed import cpu_name  # noqa: E402
+from dataset_io import DatasetError, load_dataset, parse_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX_DIR = ROOT / "results" / "matrix"
@@ -300,12 +301,37 @@ def dataset_fingerprint(path: Path) -> str:
     """sha256 of a dataset's arrays and reference returns, the data a run learns and is scored on (its collection
     time and command line left out): two builds with the same fingerprint hold the same data."""
     digest = hashlib.sha256()
-    with np.load(path, allow_pickle=False) as file:
-        for key in sorted(key for key in file.files if key != "metadata"):
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(file[key]).tobytes())
-        digest.update(json.dumps(json.loads(str(file["metadata"]))["reference_returns"], sort_keys=True).encode())
+    try:
+        arrays, metadata = load_dataset(path)
+    except DatasetError as error:
+        fail(str(error))
+    for key in sorted(arrays):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    digest.update(json.dumps(metadata["reference_returns"], sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object of a record's run.json or summary.json; anything else stops with one line naming the file."""
+    remedy = f"restore it (git checkout -- {path}) or delete its folder, and results/run_matrix.py runs it again"
+    if path.is_dir():
+        fail(f"{path} is a folder, not a file; {remedy}")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        fail(f"{path} does not exist; {remedy}")
+    except UnicodeDecodeError:
+        fail(f"cannot read {path}: it is not text; {remedy}")
+    except OSError as error:
+        fail(f"cannot read {path}: {error.strerror or error}")
+    try:
+        value = json.loads(text)
+    except ValueError as error:  # json's JSONDecodeError is a ValueError
+        fail(f"cannot read {path}: {f'it is not JSON ({error})' if text.strip() else 'it is empty'}; {remedy}")
+    if not isinstance(value, dict):
+        fail(f"cannot read {path}: it holds {json.dumps(value)[:40]}, not a JSON object; {remedy}")
+    return value
 
 
 def check_datasets(todo: list[Run]) -> dict[str, str]:
@@ -314,7 +340,7 @@ def check_datasets(todo: list[Run]) -> dict[str, str]:
     for path in dict.fromkeys(run.dataset_path for run in todo):
         fingerprints[path] = dataset_fingerprint(ROOT / path)
         used = {
-            json.loads((run.record_dir / "run.json").read_text()).get("dataset_sha256")
+            read_json_object(run.record_dir / "run.json").get("dataset_sha256")
             for run in all_runs()
             if run.done and run.dataset_path == path
         } - {None}
@@ -330,10 +356,11 @@ def check_datasets(todo: list[Run]) -> dict[str, str]:
 def expected_minutes(run: Run, finished: list[Run]) -> float:
     """Median wall time of finished runs of the same algorithm and env, else the algorithm's estimate."""
     times = [
-        json.loads((other.record_dir / "run.json").read_text())["wall_time_s"] / 60
+        read_json_object(other.record_dir / "run.json").get("wall_time_s")
         for other in finished
         if other.env is run.env and other.algorithm is run.algorithm
     ]
+    times = [seconds / 60 for seconds in times if isinstance(seconds, (int, float)) and seconds > 0]
     return median(times) if times else run.algorithm.minutes
 
 
@@ -370,9 +397,13 @@ def describe_datasets(runs: list[Run]) -> None:
     output = MATRIX_DIR / "datasets.md"
     if not paths:
         return
-    table = subprocess.run(
-        [sys.executable, DESCRIBE_DATASETS, *paths], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
+    described = subprocess.run([sys.executable, DESCRIBE_DATASETS, *paths], cwd=ROOT, capture_output=True, text=True)
+    if described.returncode != 0:  # a damaged dataset: describe_datasets.py's own line says which and why
+        lines = described.stderr.strip().splitlines() or [
+            f"{DESCRIBE_DATASETS.name} failed (exit {described.returncode})"
+        ]
+        fail(lines[-1].removeprefix("error: "))
+    table = described.stdout.splitlines()
     header, rows = table[:2], dict(zip(paths, table[2:]))
     for line in output.read_text().splitlines() if output.exists() else []:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -545,11 +576,19 @@ def connect_to_ray(address: Optional[str]) -> None:
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs in the cluster, one per run", flush=True)
 
 
-def main(args: Args) -> None:
-    if args.jobs < 1 or args.max_points < 1:
-        fail("--jobs and --max-points must be at least 1")
+def check_flags(args: Args) -> None:
+    """Refuse flags that cannot make a matrix run, before anything is read or started."""
+    for flag in ("jobs", "max_points"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.stop_within is not None and not args.stop_within > 0:  # inf: no limit, as without the flag
+        fail(f"--stop-within takes minutes above 0, got {args.stop_within}")
     if args.address is not None and args.backend != "ray":
         fail("--address names a Ray cluster: give it with --backend ray")
+
+
+def main(args: Args) -> None:
+    check_flags(args)
     deadline = time.time() + 60 * args.stop_within if args.stop_within is not None else None
     if args.grid != "matrix":  # the matrix is what MATRIX, SEEDS and MATRIX_DIR already hold
         select_grid(args.grid)
@@ -627,4 +666,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    main(parse_flags(Args, __doc__))

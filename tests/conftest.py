@@ -159,6 +159,7 @@ def load_algorithm(name: str):
 
     spec = importlib.util.spec_from_file_location(name, ALGORITHMS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # tyro reads the flags' help from the module's source, which inspect finds here
     spec.loader.exec_module(module)
     return module
 

@@ -68,3 +68,4 @@ def test_diverging_loss_stops_with_the_step(script, flags, pendulum_dataset, tmp
     # A learning rate of 1e10 throws the weights to about 1e30 within a few steps: squared, the losses overflow.
     result = run_algorithm(script, ["--dataset", pendulum_dataset, *flags], cwd=tmp_path)
     assert_clean_failure(result, "at gradient step", "last finite losses")
+    assert not (tmp_path / "runs").exists()  # it failed before its first checkpoint: nothing is left

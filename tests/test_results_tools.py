@@ -220,7 +220,7 @@ def test_benchmark_and_matrix_refuse_bad_input_with_exit_2(tmp_path):
         (BENCHMARK, ["--only", "nothing"], "no case's name starts with any of ['nothing']"),
         (BENCHMARK, ["--repeats", "0"], "--repeats and every --threads must be at least 1"),
         (BENCHMARK, ["--hf-cache", tmp_path / "none"], "is not a folder"),
-        (RUN_MATRIX, ["--jobs", "0"], "--jobs and --max-points must be at least 1"),
+        (RUN_MATRIX, ["--jobs", "0"], "--jobs must be at least 1, got 0"),
     ):
         result = run_script(script, flags, dict(os.environ))
         assert_clean_failure(result, fragment, returncode=2)

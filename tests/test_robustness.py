@@ -10,6 +10,10 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -189,6 +193,97 @@ def test_actions_outside_the_bounds_are_refused_unless_clipped(script, request, 
     assert clipped.returncode == 0, clipped.stderr
 
 
+def write_degenerate(source, path) -> None:
+    """Every degenerate property at once: observations that never change, a single action value, zero rewards, and
+    no complete episode (no termination, no truncation), so that nothing divides by a spread of zero."""
+    arrays, metadata = load_npz(source)
+    arrays["observations"][:] = arrays["observations"][0]
+    arrays["next_observations"][:] = arrays["observations"][0]
+    arrays["actions"][:] = arrays["actions"][0]
+    arrays["rewards"][:] = 0.0
+    arrays["terminations"][:] = False
+    arrays["truncations"][:] = False
+    arrays["episode_returns"] = np.zeros(0, dtype=np.float32)
+    save_dataset(path, arrays, metadata, overwrite=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_degenerate_dataset_makes_a_run_with_finite_results(script, request, tmp_path):
+    write_degenerate(dataset_of(script, request), tmp_path / "flat.npz")
+    result = run_algorithm(script, ["--dataset", tmp_path / "flat.npz", *TINY, *SCRIPTS[script][1]], cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert summary["status"] == "finished" and np.isfinite(summary["final_returns"]).all()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_single_transition_is_refused_before_anything_is_written(script, modules, request, tmp_path, capsys):
+    arrays, metadata = load_npz(dataset_of(script, request))
+    save_dataset(tmp_path / "one.npz", {key: value[:1] for key, value in arrays.items()}, metadata, overwrite=True)
+    line = one_error_line(capsys, lambda: modules[script].load_dataset(str(tmp_path / "one.npz"), torch.device("cpu")))
+    assert "holds 1 transition" in line and "at least 2" in line
+
+
+METADATA_DAMAGES = {
+    "env_id": (5, "not the name of an env"),
+    "reference_returns": (5, "not {'random': number, 'expert': number}"),
+    "action_space": ([1, 2], "not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("key", [*METADATA_DAMAGES, "bounds-as-text"])
+def test_metadata_of_the_wrong_kind_is_one_line(script, key, modules, request, tmp_path, capsys):
+    arrays, metadata = load_npz(dataset_of(script, request))
+    value, expected = METADATA_DAMAGES.get(key, (None, None))
+    if key == "bounds-as-text":
+        key, value, expected = "action_space", {**metadata["action_space"], "high": "2"}, "not a list of numbers"
+    contents = {**arrays, "metadata": np.array(json.dumps({**metadata, key: value}))}
+    np.savez(tmp_path / "odd.npz", **contents)
+    line = one_error_line(capsys, lambda: modules[script].load_dataset(str(tmp_path / "odd.npz"), torch.device("cpu")))
+    assert expected in line, line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("references", [{"random": 5.0, "expert": 5.0}, {"random": None, "expert": 9.0}, None])
+def test_reference_returns_without_a_scale_leave_the_score_empty(script, references, modules):
+    class Left(torch.nn.Module):
+        def forward(self, observations):
+            return torch.zeros(len(observations), dtype=torch.long)
+
+    how = ("CartPole-v1", 1, 0, 0.99, torch.device("cpu"), references)
+    record = modules[script].evaluate(Left(), None, *how)
+    assert record["normalized_score"] is None and record["mean_return"] > 0
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_folder_given_as_dataset_is_named_a_folder(script, modules, request, capsys):
+    folder = Path(dataset_of(script, request)).parent
+    line = one_error_line(capsys, lambda: modules[script].load_dataset(str(folder), torch.device("cpu")))
+    assert "is a folder" in line and "scripted.npz" in line and "does not exist" not in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_non_finite_evaluation_stops_in_one_line(script, modules, monkeypatch, capsys):
+    module = modules[script]
+    monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: {"mean_return": float("nan"), "q_initial": 1.0})
+    run = SimpleNamespace(args=module.Args(), metadata={}, run_dir=Path("runs/none"), acting=None, q_initial=None)
+    run.env_id, run.device, run.eval_time = "CartPole-v1", torch.device("cpu"), 0.0
+    line = one_error_line(capsys, lambda: module.Run.evaluate(run, 100))
+    assert "at gradient step 100" in line and "NaN or infinite" in line
+
+
+@pytest.mark.parametrize("script", BOX_SCRIPTS)
+def test_mujoco_deprecations_are_quiet_and_leave_no_log_file(script, modules, tmp_path, monkeypatch, capfd):
+    import gymnasium as gym
+
+    monkeypatch.chdir(tmp_path)
+    modules[script].quiet_mujoco_deprecations("HalfCheetah-v5")
+    gym.make("HalfCheetah-v5").close()
+    assert "settotalmass" not in capfd.readouterr().err and not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
 # --------------------------------------------------------------------------------------------- bad flags
 BAD_FLAGS = [
     {"batch_size": 0},
@@ -255,6 +350,51 @@ def test_fewer_steps_than_log_freq_give_strict_json(script, request, tmp_path):
     assert summary["status"] == "finished" and np.isfinite(summary["final_returns"]).all()
 
 
+# --------------------------------------------------------------------------------------------- every numeric flag
+NUMBERS = (int, float, Optional[int], Optional[float])
+
+
+def numeric_flags(module) -> list[str]:
+    return [f"--{field.name.replace('_', '-')}" for field in fields(module.Args) if field.type in NUMBERS]
+
+
+def accepted_values(module, capsys) -> dict[str, list[str]]:
+    """Each numeric flag's values among NaN, +-infinity, 0 and -1 that read_flags() accepts, after asserting that
+    NaN and infinity are refused everywhere, and every refusal is one line that names the flag, with exit status 2."""
+    accepted = {}
+    for flag in numeric_flags(module):
+        for value in ("nan", "inf", "-inf", "0", "-1"):
+            capsys.readouterr()
+            try:
+                module.read_flags([flag, value])
+            except SystemExit as stop:
+                lines = capsys.readouterr().err.strip().splitlines()
+                assert stop.code == 2 and len(lines) == 1, (flag, value, lines)
+                assert lines[0].startswith("error: ") and flag in lines[0], (flag, value, lines)
+            else:
+                assert value not in ("nan", "inf", "-inf"), (flag, value)
+                accepted.setdefault(flag, []).append(value)
+    return accepted
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_is_accepted_or_refused_in_one_line(script, modules, capsys):
+    assert len(numeric_flags(modules[script])) >= 10
+    assert accepted_values(modules[script], capsys)["--seed"] == ["0"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_accepted_zeros_and_negatives_make_a_run(script, modules, request, tmp_path, capsys):
+    accepted = {flag: values for flag, values in accepted_values(modules[script], capsys).items() if flag != "--seed"}
+    assert "--gamma" in accepted
+    for index in range(max(map(len, accepted.values()))):  # each accepted value once, in as few runs as it takes
+        flags = [item for flag, values in accepted.items() if index < len(values) for item in (flag, values[index])]
+        result = run_algorithm(
+            script, ["--dataset", dataset_of(script, request), *TINY, *SCRIPTS[script][1], *flags], cwd=tmp_path
+        )
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (flags, result.stderr)
+
+
 # --------------------------------------------------------------------------------------------- interrupts and resume
 def wait_for_checkpoint(process: subprocess.Popen, cwd) -> None:
     deadline = time.time() + 300
@@ -312,6 +452,93 @@ def test_resume_refuses_other_flags_and_finished_runs(script, request, tmp_path)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert_clean_failure(run_algorithm(script, ["--resume", run_dir, "--seed", 9], cwd=tmp_path), "drop --seed")
     assert_clean_failure(run_algorithm(script, ["--resume", run_dir], cwd=tmp_path), "has finished")
+    other = "iql" if script == "bc" else "td3_bc"
+    assert_clean_failure(run_algorithm(other, ["--resume", run_dir], cwd=tmp_path), f"is not a run of {other}.py")
+    # Killed after its last checkpoint, while writing its files: --resume writes them.
+    for name in ("summary.json", "policy.pt2", f"{script}.pt"):
+        (run_dir / name).unlink()
+    assert run_algorithm(script, ["--resume", run_dir], cwd=tmp_path).returncode == 0
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert (run_dir / "policy.pt2").is_file() and (run_dir / f"{script}.pt").is_file()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigterm_keeps_what_ctrl_c_keeps_in_the_order_that_loses_least(script, request, tmp_path):
+    process = start(script, dataset_of(script, request), tmp_path)
+    wait_for_checkpoint(process, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    result = finish(process)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr
+    assert "--resume runs/" in result.stderr.strip().splitlines()[-1]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    written = [run_dir / name for name in ("checkpoint.pt", "summary.json", f"{script}.pt", "policy.pt2")]
+    times = [path.stat().st_mtime_ns for path in written]
+    assert times == sorted(times), dict(zip((path.name for path in written), times))
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0, 2.0, 3.0, 5.0, 8.0])
+def test_ctrl_c_at_any_moment_leaves_nothing_or_a_folder_that_resumes(delay, pendulum_dataset, tmp_path):
+    process = start("td3_bc", pendulum_dataset, tmp_path)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    result = finish(process)
+    assert "Traceback" not in result.stderr and result.returncode in (0, 130, -signal.SIGINT), result.stderr
+    run_dirs = list((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else []
+    assert len(run_dirs) <= 1
+    if run_dirs:  # then it checkpointed: --resume goes on from there, and the summary says where it stopped
+        assert (run_dirs[0] / "checkpoint.pt").is_file() and (run_dirs[0] / "summary.json").is_file()
+    else:
+        assert_nothing_written(tmp_path)
+
+
+def test_a_second_process_on_a_run_folder_is_refused(pendulum_dataset, tmp_path):
+    long = ["--total-steps", 100_000, "--eval-freq", 100, "--eval-episodes", 2, "--seed", 5]
+    stopped = start("td3_bc", pendulum_dataset, tmp_path, flags=long)
+    wait_for_checkpoint(stopped, tmp_path)
+    stopped.send_signal(signal.SIGINT)
+    assert finish(stopped).returncode == 130
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    first = subprocess.Popen(
+        [sys.executable, str(ALGORITHMS / "td3_bc.py"), "--resume", str(run_dir)],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert "run folder" in first.stdout.readline()  # begin() has taken the folder
+    second = run_algorithm("td3_bc", ["--resume", run_dir], cwd=tmp_path)
+    assert_clean_failure(second, "is in use by another process", returncode=2)
+    first.send_signal(signal.SIGINT)  # the first goes on untouched, and stops as a run stops
+    assert finish(first).returncode == 130
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("script", ["bc", "iql"])
+def test_a_file_system_that_says_no_is_one_line(script, request, tmp_path):
+    (tmp_path / "runs").write_text("a file where the run folders go")
+    result = run_algorithm(script, ["--dataset", dataset_of(script, request), *TINY], cwd=tmp_path)
+    assert_clean_failure(result, "cannot make a run folder", returncode=2)
+    assert (tmp_path / "runs").read_text() == "a file where the run folders go"
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_what_was_written(pendulum_dataset, tmp_path):
+    import resource
+
+    def small_files():  # a file may not grow past 60 kB, as on a disk that is full; EFBIG instead of SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    result = subprocess.run(
+        command("td3_bc", pendulum_dataset, flags=TINY),
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        preexec_fn=small_files,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert_clean_failure(result, "cannot write runs/", returncode=2)
+    assert not list((tmp_path / "runs").rglob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------- run folders

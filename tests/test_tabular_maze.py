@@ -93,7 +93,7 @@ def test_noisy_data_is_seeded(tmp_path):
         (["--gamma", 1.5], "--gamma must be in [0, 1]"),
         (["--iterations", 0], "--iterations and --episodes must be at least 1"),
         (["--noise", 2], "--noise must be in [0, 1]"),
-        (["--cql-alpha", -1], "--cql-alpha must be at least 0"),
+        (["--cql-alpha", -1], "--cql-alpha must be a finite number at least 0"),
         (["--init-q", "nan"], "--init-q must be a finite number"),
     ],
 )
@@ -101,3 +101,22 @@ def test_bad_flags_are_refused_in_one_line(tmp_path, flags, message):
     result = run_algorithm("tabular_maze", flags, cwd=tmp_path)
     assert_clean_failure(result, message, returncode=2)
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_numeric_flag_is_accepted_or_refused_in_one_line(maze, capsys):
+    from dataclasses import fields
+
+    numeric = [f"--{field.name.replace('_', '-')}" for field in fields(maze.Args) if field.type in (int, float)]
+    assert len(numeric) >= 6
+    for flag in numeric:
+        for value in ("nan", "inf", "-inf", "0", "-1"):
+            capsys.readouterr()
+            try:
+                maze.read_flags([flag, value])
+            except SystemExit as stop:
+                lines = capsys.readouterr().err.strip().splitlines()
+                assert stop.code == 2 and len(lines) == 1 and flag in lines[0], (flag, value, lines)
+            else:  # 0 is a valid discount, initial value, penalty, noise and seed; -1 an initial value
+                assert (flag, value) in {
+                    (f, "0") for f in ("--gamma", "--init-q", "--cql-alpha", "--noise", "--seed")
+                } | {("--init-q", "-1")}, (flag, value)
