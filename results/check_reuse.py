@@ -37,6 +37,8 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data_collection"))
+from dataset_io import parse_flags  # noqa: E402
 from run_matrix import MATRIX_DIR, ROOT, fail, read_json_object  # noqa: E402
 
 SHORT = ["--total-steps", "300", "--eval-freq", "150", "--eval-episodes", "2"]
@@ -248,4 +250,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    main(parse_flags(Args, __doc__))

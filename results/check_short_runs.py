@@ -23,14 +23,13 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "data_collection"))
 sys.path.insert(0, str(ROOT / "results"))
 from check_reuse import same_evaluations, short_run  # noqa: E402
 from collect_dataset import collect, run_episodes, uniform_actions  # noqa: E402
-from dataset_io import describe_space, save_dataset  # noqa: E402
+from dataset_io import describe_space, parse_flags, save_dataset  # noqa: E402
 
 SCRIPTS = {
     "bc": ("Pendulum-v1", "CartPole-v1"),
@@ -164,4 +163,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    main(parse_flags(Args, __doc__))

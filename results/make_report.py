@@ -36,9 +36,10 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import tyro  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data_collection"))
+from dataset_io import parse_flags  # noqa: E402
 from run_matrix import GRIDS, MATRIX, MATRIX_DIR, ROOT, SEEDS, fail, read_json_object  # noqa: E402
 
 BEGIN, END = "<!-- report:begin (made by results/make_report.py) -->", "<!-- report:end -->"
@@ -736,4 +737,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    main(parse_flags(Args, __doc__))

@@ -33,6 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data_collection"))
+from dataset_io import parse_flags  # noqa: E402
+
 METRICS = {"return": ("mean_return", "evaluation return"), "normalized": ("normalized_score", "normalized score")}
 
 
@@ -307,4 +310,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    main(parse_flags(Args, __doc__))

@@ -21,7 +21,7 @@ import mix_datasets
 import numpy as np
 import pytest
 import torch
-from conftest import COLLECTOR, ROOT, assert_clean_failure, load_npz
+from conftest import COLLECTOR, ROOT, assert_clean_failure, load_npz, run_script
 from dataset_io import exit_on_dataset_error, flattened_types, parse_flags
 
 RESULTS = ROOT / "results"
@@ -601,3 +601,10 @@ def test_every_numeric_flag_of_every_tool_is_taken_or_refused_in_one_line(tools,
 def test_the_other_tools_have_no_numeric_flag(tool, tools):
     module = tools.get(tool) or sys.modules.get(tool) or load_tool(tool)
     assert tyro_flags(module.Args) == []
+
+
+@pytest.mark.parametrize("tool", ["plot_runs", "make_report", "check_reuse", "check_short_runs"])
+def test_an_unknown_flag_is_one_line(tool, tmp_path):
+    result = run_script(RESULTS / f"{tool}.py", ["--no-such-flag", "1"], env=dict(os.environ))
+    assert_clean_failure(result, "Unrecognized options: --no-such-flag", returncode=2)
+    assert len(result.stderr.strip().splitlines()) == 1
