@@ -258,15 +258,20 @@ def plot_learning_curves(runs, env, behaviour: dict, path: Path) -> None:
 
 def plot_overestimation(runs, env, path: Path) -> bool:
     """q_initial (solid) against the real discounted return (dashed) for every algorithm with a critic."""
-    labels = [algorithm.label for algorithm in env.algorithms if algorithm.label != "BC"]
-    datasets = [d for d in env.datasets if any(runs.get((env.env_id, d, label)) for label in labels)]
+    labels = [algorithm.label for algorithm in env.algorithms]
+
+    def critic_records(dataset: str, label: str) -> list[dict]:  # BC and 10%BC log no Q(s0)
+        records = runs.get((env.env_id, dataset, label)) or []
+        return records if records and "q_initial" in records[0]["summary"]["evaluations"][0] else []
+
+    datasets = [d for d in env.datasets if any(critic_records(d, label) for label in labels)]
     if not datasets:
         return False
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         largest = 0.0
         for label in labels:
-            records = runs.get((env.env_id, dataset, label))
+            records = critic_records(dataset, label)
             if not records:
                 continue
             steps, estimate = seed_curves(records, "q_initial")
@@ -301,19 +306,24 @@ def seed_bootstrap() -> None:
     np.random.seed(0)
 
 
-def complete_datasets(runs, env) -> list[str]:
-    """The env's datasets on which every algorithm that has run on the env has all its seeds: the aggregates compare
-    methods on the same datasets while new cells of the matrix are still running."""
-    started = [a.label for a in env.algorithms if any(runs.get((env.env_id, d, a.label)) for d in env.datasets)]
-    return [
-        dataset
-        for dataset in env.datasets
-        if all(
-            len(cell := runs.get((env.env_id, dataset, label), [])) == len(SEEDS)
-            and None not in [run["summary"]["final_normalized_score"] for run in cell]
-            for label in started
-        )
-    ]
+def aggregate_cells(runs, env) -> tuple[list[str], list[str]]:
+    """The datasets and algorithms an env's aggregates count while new cells of the matrix are still running: every
+    counted algorithm has all its seeds on every counted dataset, so the methods are compared on the same data, and
+    of the sets that allow this the one with the most (algorithm, dataset) cells is taken (ties: more algorithms)."""
+
+    def complete(dataset: str, label: str) -> bool:
+        cell = runs.get((env.env_id, dataset, label), [])
+        return len(cell) == len(SEEDS) and None not in [run["summary"]["final_normalized_score"] for run in cell]
+
+    labels = [algorithm.label for algorithm in env.algorithms]
+    best: tuple[tuple[int, int], list[str], list[str]] = ((0, 0), [], [])
+    for mask in range(1, 2 ** len(env.datasets)):
+        datasets = [dataset for bit, dataset in enumerate(env.datasets) if mask >> bit & 1]
+        counted = [label for label in labels if all(complete(dataset, label) for dataset in datasets)]
+        size = (len(datasets) * len(counted), len(counted))
+        if counted and size > best[0]:
+            best = (size, datasets, counted)
+    return best[1], best[2]
 
 
 def final_scores(runs, env, label: str, datasets: list[str]) -> np.ndarray:
@@ -338,27 +348,25 @@ def rliable_report(runs, figures: Path, readme_dir: Path) -> list[str]:
         f"Interquartile mean (IQM) of the final normalised scores over each env's datasets and {len(SEEDS)} "
         f"seeds, with 95% stratified-bootstrap confidence intervals ({BOOTSTRAP_REPS:,} resamples of the seeds "
         "within each dataset); P(X > BC) is the probability that a run of the method on a dataset scores "
-        "above a run of BC on it, with its 95% interval. An env's datasets are counted once every algorithm "
-        "that has run on the env has all its seeds there.",
+        "above a run of BC on it, with its 95% interval. While new cells of the matrix run, each env counts the "
+        "datasets and algorithms where every counted algorithm has all its seeds on every counted dataset.",
         "",
         "| env | algorithm | IQM | mean | P(X > BC) |",
         "|---|---|---|---|---|",
     ]
     profiles, counted = [], []
     for env in MATRIX:
-        datasets = complete_datasets(runs, env)
-        started = {label for (env_id, _, label) in runs if env_id == env.env_id}
-        scores = {
-            algorithm.label: final_scores(runs, env, algorithm.label, datasets)
-            for algorithm in env.algorithms
-            if algorithm.label in started
-        }
+        datasets, labels = aggregate_cells(runs, env)
+        scores = {label: final_scores(runs, env, label, datasets) for label in labels}
         if not datasets or not scores:
             continue
         left = [dataset for dataset in env.datasets if dataset not in datasets]
+        started = {label for (env_id, _, label) in runs if env_id == env.env_id}
+        waiting = [a.label for a in env.algorithms if a.label in started and a.label not in labels]
         counted.append(
             f"{env.env_id}: {', '.join(datasets)}"
             + (f" (not yet {', '.join(left)}, where not every algorithm and seed has run)" if left else "")
+            + (f", without {' and '.join(waiting)}, not yet run on all of them" if waiting else "")
         )
         aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
         seed_bootstrap()
